@@ -1,0 +1,213 @@
+import Synchronization
+
+/// One logical database — "primary", "replica" — and the engines that reach it, one per host.
+///
+/// Nothing connects when a connect is made. The engine for a host is created on the first
+/// statement of the first session bound to that host, and reused after that. Before every
+/// session is created, the optional `beforeCreateSession` hook runs and may pick the host
+/// with ``changeHost(_:)``; the session stays bound to that host for its whole life, so
+/// concurrent requests never see a half-switched connect.
+///
+/// ```swift
+/// let primary = DBConnect(label: "primary", host: "db1:5432") { host in
+///     try PostgresEngine(url: "postgresql://app@\(host)/app")
+/// }
+/// try await withDBContext {
+///     let session = try await primary.session()   // no connection yet
+///     try await session.execute("INSERT INTO items (text) VALUES ('a')")
+/// }                                               // committed and closed here
+/// ```
+public final class DBConnect<Engine: DatabaseEngine>: Sendable {
+    /// The hook that runs before each session is created; it may call ``changeHost(_:)``.
+    public typealias BeforeCreateSession = @Sendable (DBConnect<Engine>) async throws -> Void
+
+    /// A name for logs and errors, such as `"primary"` or `"replica"`.
+    public let label: String
+    /// How this connect's sessions open their transactions.
+    public let options: DBSessionOptions
+
+    let beforeCreateSession: BeforeCreateSession?
+    let makeEngine: @Sendable (String) async throws -> Engine
+
+    enum EngineSlot: Sendable {
+        case creating(Task<Engine, any Error>)
+        case ready(Engine)
+    }
+
+    struct State: Sendable {
+        var host: String?
+        var engines: [String: EngineSlot] = [:]
+    }
+
+    let state: Mutex<State>
+
+    /// Declares a database. Nothing connects until a session runs its first statement.
+    /// - Parameters:
+    ///   - label: A name for logs and errors. Default `"default"`.
+    ///   - host: The host to use when the hook chooses none. Optional when the hook always chooses.
+    ///   - options: How sessions open transactions (read-only, isolation level).
+    ///   - beforeCreateSession: Runs before every session creation; may call ``changeHost(_:)``.
+    ///   - engine: Creates the engine for a host. Called once per host, on first use.
+    public init(
+        label: String = "default",
+        host: String? = nil,
+        options: DBSessionOptions = DBSessionOptions(),
+        beforeCreateSession: BeforeCreateSession? = nil,
+        engine: @escaping @Sendable (_ host: String) async throws -> Engine
+    ) {
+        self.label = label
+        self.options = options
+        self.beforeCreateSession = beforeCreateSession
+        self.makeEngine = engine
+        self.state = Mutex(State(host: host))
+    }
+
+    /// The host new sessions bind to when the hook chooses none.
+    public var host: String? { state.withLock { $0.host } }
+
+    /// The hosts that have an engine (created or being created).
+    public var engineHosts: [String] { state.withLock { Array($0.engines.keys).sorted() } }
+
+    // MARK: - Hosts and engines
+
+    /// Sets the host and creates its engine now, instead of on first use.
+    /// - Parameter host: The host, such as `"db1:5432"`.
+    /// - Throws: ``DBError/Code/emptyHost``, or ``DBError/Code/engineCreationFailed``.
+    public func connect(host: String) async throws {
+        try changeHost(host)
+        _ = try await engine(for: host)
+    }
+
+    /// Chooses the host for new sessions.
+    ///
+    /// Called from `beforeCreateSession`, it picks the host of the session being created, and
+    /// only that one: concurrent creations each keep their own choice. The chosen host also
+    /// becomes the connect's default. Sessions already created keep their host. Unlike the Python
+    /// original, switching does not dispose of the old host's engine: each host keeps its own,
+    /// so switching back and forth costs nothing.
+    /// - Parameter host: The host; must not be empty.
+    /// - Throws: ``DBError/Code/emptyHost``.
+    public func changeHost(_ host: String) throws {
+        guard !host.isEmpty else {
+            throw DBError(.emptyHost, "the host is empty; pass a host such as \"127.0.0.1:5432\"", connect: label)
+        }
+        state.withLock { $0.host = host }
+        if let selection = HostSelection.current, selection.connect == ObjectIdentifier(self) {
+            selection.choose(host)
+        }
+    }
+
+    /// Shuts down every engine. A later session creates its engine again, lazily.
+    public func close() async {
+        let slots = state.withLock { state in
+            defer { state.engines.removeAll() }
+            return Array(state.engines.values)
+        }
+        for slot in slots {
+            switch slot {
+            case .ready(let engine):
+                await engine.shutdown()
+            case .creating(let task):
+                if let engine = try? await task.value { await engine.shutdown() }
+            }
+        }
+    }
+
+    /// The engine for `host`, created on first use. Concurrent first uses share one creation.
+    func engine(for host: String) async throws -> Engine {
+        let slot = state.withLock { state -> EngineSlot in
+            if let slot = state.engines[host] { return slot }
+            let factory = makeEngine
+            let slot = EngineSlot.creating(Task { try await factory(host) })
+            state.engines[host] = slot
+            return slot
+        }
+        guard case .creating(let task) = slot else {
+            guard case .ready(let engine) = slot else { fatalError("unreachable") }
+            return engine
+        }
+        do {
+            let engine = try await task.value
+            state.withLock { state in
+                if case .creating(let current) = state.engines[host], current == task {
+                    state.engines[host] = .ready(engine)
+                }
+            }
+            return engine
+        } catch {
+            state.withLock { state in
+                if case .creating(let current) = state.engines[host], current == task {
+                    state.engines[host] = nil
+                }
+            }
+            if let error = error as? DBError, error.code == .engineCreationFailed { throw error }
+            throw DBError(
+                .engineCreationFailed,
+                "could not create the engine; check the host and the engine's configuration",
+                connect: label, host: host, underlying: error
+            )
+        }
+    }
+
+    // MARK: - Sessions
+
+    /// Creates a session outside any context: runs the hook, binds the chosen host. Connects nothing.
+    func makeSession() async throws -> DBSession<Engine> {
+        let selection = HostSelection(connect: ObjectIdentifier(self), host: host)
+        if let beforeCreateSession {
+            try await HostSelection.$current.withValue(selection) {
+                try await beforeCreateSession(self)
+            }
+        }
+        guard let host = selection.host else {
+            throw DBError(
+                .hostNotSet,
+                "no host is set; pass host: to DBConnect, call connect(host:), or choose one in beforeCreateSession with changeHost(_:)",
+                connect: label
+            )
+        }
+        return DBSession(connect: self, host: host)
+    }
+
+    /// The current context's session for this connect, created on first call.
+    ///
+    /// Later calls in the same context, also from child tasks, return the same session.
+    /// Creating it connects nothing; its first statement leases a connection and begins a transaction.
+    /// - Returns: The context's session.
+    /// - Throws: ``DBError/Code/noContext`` outside a context (note: `Task.detached` has none),
+    ///   ``DBError/Code/hostNotSet``, or what `beforeCreateSession` throws.
+    public func session() async throws -> DBSession<Engine> {
+        let context = try requireContext()
+        if let session = try context.session(for: self) { return session }
+        let created = try await makeSession()
+        return try context.insert(created, for: self)
+    }
+
+    func requireContext() throws -> DBContext {
+        guard let context = DBContext.current else {
+            throw DBError(
+                .noContext,
+                "no request context is active; run the code inside withDBContext { } or behind DBSessionMiddleware (Task.detached does not inherit the context)",
+                connect: label
+            )
+        }
+        return context
+    }
+}
+
+/// The host chosen by one run of `beforeCreateSession`, visible to ``DBConnect/changeHost(_:)``
+/// through a task-local, so concurrent session creations never share a choice.
+final class HostSelection: Sendable {
+    @TaskLocal static var current: HostSelection?
+
+    let connect: ObjectIdentifier
+    private let chosen: Mutex<String?>
+
+    init(connect: ObjectIdentifier, host: String?) {
+        self.connect = connect
+        self.chosen = Mutex(host)
+    }
+
+    var host: String? { chosen.withLock { $0 } }
+    func choose(_ host: String) { chosen.withLock { $0 = host } }
+}

@@ -1,0 +1,213 @@
+import Synchronization
+
+/// The request context: the map of sessions, one per ``DBConnect``, that a request shares.
+///
+/// A context lives in a task-local value. Child tasks (`async let`, task groups, `Task {}`)
+/// see their parent's context and so the same sessions; `Task.detached` sees none. A new
+/// context is only ever made explicitly, by ``withDBContext(ifActive:beforeCommit:isolation:_:)``,
+/// by `DBSessionMiddleware`, or by ``run(isolation:_:)`` on a context you made yourself.
+public final class DBContext: Sendable {
+    @TaskLocal static var active: DBContext?
+
+    /// The context of the current task, or `nil` when none is active.
+    public static var current: DBContext? { active }
+
+    struct Entry: Sendable {
+        let key: ObjectIdentifier
+        let session: any AnyDBSession
+    }
+
+    struct State: Sendable {
+        var entries: [Entry] = []
+        var finished = false
+        var values: [ObjectIdentifier: any Sendable] = [:]
+    }
+
+    let state = Mutex(State())
+
+    /// Creates an empty context. Nothing is connected until a session runs a statement.
+    ///
+    /// Install it with ``run(isolation:_:)``; end it with ``finish(statusCode:beforeCommit:)``
+    /// or ``commitAll(beforeCommit:)`` / ``rollbackAll()``, then ``end()``.
+    public init() {}
+
+    /// Runs `body` with this context as ``current``.
+    /// - Parameter body: The work; every session it asks for lives in this context.
+    /// - Returns: What `body` returns.
+    public func run<R>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: () async throws -> R
+    ) async rethrows -> R {
+        try await Self.$active.withValue(self, operation: body, isolation: isolation)
+    }
+
+    /// The sessions of this context in the order they were created.
+    public var sessions: [any AnyDBSession] {
+        state.withLock { $0.entries.map(\.session) }
+    }
+
+    /// Whether ``end()`` ran: no new session can be made in this context.
+    public var isFinished: Bool { state.withLock { $0.finished } }
+
+    // MARK: - Session map
+
+    func session<Engine>(for connect: DBConnect<Engine>) throws -> DBSession<Engine>? {
+        let key = ObjectIdentifier(connect)
+        return try state.withLock { state in
+            if state.finished { throw Self.finishedError(connect.label) }
+            for entry in state.entries where entry.key == key {
+                let session = entry.session as! DBSession<Engine>
+                return session.isClosed ? nil : session
+            }
+            return nil
+        }
+    }
+
+    /// Stores `candidate` unless another task stored a live session for the same connect first;
+    /// returns the one that is in the map.
+    func insert<Engine>(_ candidate: DBSession<Engine>, for connect: DBConnect<Engine>) throws -> DBSession<Engine> {
+        let key = ObjectIdentifier(connect)
+        return try state.withLock { state in
+            if state.finished { throw Self.finishedError(connect.label) }
+            if let index = state.entries.firstIndex(where: { $0.key == key }) {
+                let existing = state.entries[index].session as! DBSession<Engine>
+                if !existing.isClosed { return existing }
+                state.entries[index] = Entry(key: key, session: candidate)
+            } else {
+                state.entries.append(Entry(key: key, session: candidate))
+            }
+            return candidate
+        }
+    }
+
+    func remove<Engine>(for connect: DBConnect<Engine>) -> DBSession<Engine>? {
+        let key = ObjectIdentifier(connect)
+        return state.withLock { state in
+            guard let index = state.entries.firstIndex(where: { $0.key == key }) else { return nil }
+            return state.entries.remove(at: index).session as? DBSession<Engine>
+        }
+    }
+
+    private static func finishedError(_ label: String) -> DBError {
+        DBError(
+            .contextFinished,
+            "the request context already ended and closed its sessions; a task that outlives its request must open its own context with withDBContext { }",
+            connect: label
+        )
+    }
+
+    // MARK: - Ending the request
+
+    /// Commits every session that has an open transaction, in creation order.
+    ///
+    /// `beforeCommit` runs for each such session just before its `COMMIT`; if it throws, that
+    /// session is not committed. On the first failure the remaining open transactions are rolled
+    /// back and the error is rethrown. Sessions committed before the failure stay committed.
+    /// - Parameter beforeCommit: Runs before each commit with the session about to commit.
+    /// - Throws: What `beforeCommit` threw, or a ``DBError`` with code ``DBError/Code/commitFailed``.
+    public func commitAll(
+        beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil
+    ) async throws {
+        for session in sessions where session.isInTransaction {
+            do {
+                if let beforeCommit { try await beforeCommit(session) }
+                try await session.commit()
+            } catch {
+                await rollbackAll()
+                throw error
+            }
+        }
+    }
+
+    /// Rolls back every open transaction. A connection whose rollback fails is closed, not pooled.
+    public func rollbackAll() async {
+        for session in sessions where session.isInTransaction {
+            try? await session.rollback()
+        }
+    }
+
+    /// Closes every session: open transactions are rolled back, connections go back to their pool.
+    /// The context stays usable; a later ``DBConnect/session()`` makes a new session.
+    public func closeAll() async {
+        let closing = state.withLock { state in
+            defer { state.entries.removeAll() }
+            return state.entries.map(\.session)
+        }
+        for session in closing { await session.close() }
+    }
+
+    /// Commits when `statusCode` is below 400, rolls back otherwise — what the middleware does.
+    /// - Parameters:
+    ///   - statusCode: The HTTP status of the response.
+    ///   - beforeCommit: Runs before each commit (see ``commitAll(beforeCommit:)``).
+    /// - Throws: What ``commitAll(beforeCommit:)`` throws.
+    public func finish(
+        statusCode: Int,
+        beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil
+    ) async throws {
+        if statusCode < 400 {
+            try await commitAll(beforeCommit: beforeCommit)
+        } else {
+            await rollbackAll()
+        }
+    }
+
+    /// Ends the context: no new session can be made in it, and every session is closed.
+    public func end() async {
+        state.withLock { $0.finished = true }
+        await closeAll()
+    }
+}
+
+/// What ``withDBContext(ifActive:beforeCommit:isolation:_:)`` does when a context is already active.
+public enum DBContextNesting: Sendable {
+    /// Open a new, separate context; the outer one is untouched. The default.
+    case newContext
+    /// Run in the active context and leave its ending to whoever opened it (middleware, tests).
+    case join
+    /// Throw ``DBError/Code/contextAlreadyActive``.
+    case fail
+}
+
+/// Runs `body` in a new request context, then ends it.
+///
+/// When `body` returns, every open transaction is committed (each after `beforeCommit`); when it
+/// throws, they are rolled back. Every session is closed either way, also on cancellation. Use it
+/// for background jobs, for tests, and to run queries concurrently: each context has its own
+/// sessions and so its own connections.
+/// - Parameters:
+///   - ifActive: What to do when a context is already active. Default: open a new one.
+///   - beforeCommit: Runs before each commit with the session about to commit.
+///   - body: The work.
+/// - Returns: What `body` returns.
+/// - Throws: What `body` throws, a failed commit, or ``DBError/Code/contextAlreadyActive``.
+public func withDBContext<R>(
+    ifActive: DBContextNesting = .newContext,
+    beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil,
+    isolation: isolated (any Actor)? = #isolation,
+    _ body: () async throws -> R
+) async throws -> R {
+    if DBContext.current != nil {
+        switch ifActive {
+        case .newContext: break
+        case .join: return try await body()
+        case .fail:
+            throw DBError(
+                .contextAlreadyActive,
+                "a request context is already active; use ifActive: .join to run in it or .newContext for a separate one"
+            )
+        }
+    }
+    let context = DBContext()
+    let result: R
+    do {
+        result = try await context.run(body)
+        try await context.commitAll(beforeCommit: beforeCommit)
+    } catch {
+        await context.rollbackAll()
+        await context.end()
+        throw error
+    }
+    await context.end()
+    return result
+}

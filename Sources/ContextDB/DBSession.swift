@@ -1,0 +1,283 @@
+import Synchronization
+
+/// A session of any engine: what the request context and `beforeCommit` hooks see.
+public protocol AnyDBSession: AnyObject, Sendable {
+    /// The label of the ``DBConnect`` that made this session.
+    var connectLabel: String { get }
+    /// The host this session is bound to, chosen when it was created.
+    var host: String { get }
+    /// Whether a transaction is open (a statement ran since the last commit or rollback).
+    var isInTransaction: Bool { get }
+    /// Whether the session holds a leased connection.
+    var hasConnection: Bool { get }
+    /// Whether ``close()`` ran; a closed session refuses statements.
+    var isClosed: Bool { get }
+    /// Commits the open transaction, if any; keeps the connection.
+    func commit() async throws
+    /// Rolls the open transaction back, if any; keeps the connection.
+    func rollback() async throws
+    /// Rolls back anything open and gives the connection back. The session can't be used again.
+    func close() async
+}
+
+/// A lazy database session bound to one host of a ``DBConnect``.
+///
+/// No connection is leased until the first statement; the first statement also begins a
+/// transaction (autobegin). ``commit()`` and ``rollback()`` end the transaction and keep the
+/// connection for the next one; ``close()`` rolls back what is open and returns the connection.
+///
+/// A session is used by one task at a time. A second task that runs a statement while one is
+/// running gets ``DBError/Code/sessionBusy``; statements are never interleaved. To run queries
+/// concurrently give each task its own session (``withDBContext(ifActive:beforeCommit:isolation:_:)``
+/// or ``DBConnect/withSession(isolation:_:)``).
+public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
+    /// The connect that made this session.
+    public let connect: DBConnect<Engine>
+    /// The host this session is bound to.
+    public let host: String
+
+    struct State: Sendable {
+        var engine: Engine?
+        var connection: Engine.Connection?
+        var inTransaction = false
+        /// A statement of the open transaction failed: the server will not commit it.
+        var transactionFailed = false
+        var busy = false
+        var closed = false
+        /// `close()` ran while a statement was running: the running operation releases.
+        var releaseWhenIdle = false
+    }
+
+    let state = Mutex(State())
+
+    init(connect: DBConnect<Engine>, host: String) {
+        self.connect = connect
+        self.host = host
+    }
+
+    public var connectLabel: String { connect.label }
+    public var isInTransaction: Bool { state.withLock { $0.inTransaction } }
+    public var hasConnection: Bool { state.withLock { $0.connection != nil } }
+    public var isClosed: Bool { state.withLock { $0.closed } }
+
+    // MARK: - Running statements
+
+    /// Runs `body` with this session's connection inside its transaction.
+    ///
+    /// Leases a connection on first use and begins a transaction when none is open.
+    /// - Parameter body: Work on the connection. It must not keep the connection.
+    /// - Returns: What `body` returns.
+    /// - Throws: ``DBError/Code/sessionBusy`` when another task is using the session,
+    ///   ``DBError/Code/sessionClosed`` after ``close()``, a lease or `BEGIN` failure, or what `body` throws.
+    ///
+    /// > Warning: The connection belongs to the session: do not use it after `body` returns.
+    public func withConnection<R>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: (Engine.Connection) async throws -> R
+    ) async throws -> R {
+        try enter()
+        do {
+            let (engine, connection) = try await prepare()
+            let result = try await body(connection)
+            await leave(engine)
+            return result
+        } catch {
+            let engine = state.withLock { state -> Engine? in
+                if state.inTransaction, let engine = state.engine, engine.abortsTransaction(error) {
+                    state.transactionFailed = true
+                }
+                return state.engine
+            }
+            await leave(engine)
+            throw error
+        }
+    }
+
+    /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
+    private func prepare() async throws -> (Engine, Engine.Connection) {
+        let (engine, connection, inTransaction) = state.withLock { ($0.engine, $0.connection, $0.inTransaction) }
+        if let engine, let connection, inTransaction { return (engine, connection) }
+
+        let leasedEngine: Engine
+        let leased: Engine.Connection
+        if let engine, let connection {
+            (leasedEngine, leased) = (engine, connection)
+        } else {
+            leasedEngine = try await connect.engine(for: host)
+            do {
+                leased = try await leasedEngine.leaseConnection()
+            } catch let error as DBError {
+                throw error
+            } catch {
+                throw DBError(
+                    .connectionFailed,
+                    "could not lease a connection; check that the server is up and the credentials are right",
+                    connect: connect.label, host: host, underlying: error
+                )
+            }
+            state.withLock {
+                $0.engine = leasedEngine
+                $0.connection = leased
+            }
+        }
+        do {
+            try await leasedEngine.execute(.begin(connect.options), on: leased)
+        } catch {
+            // The connection's state is unknown: never pool it.
+            state.withLock {
+                $0.connection = nil
+                $0.engine = nil
+            }
+            await leasedEngine.releaseConnection(leased, reusable: false)
+            throw error
+        }
+        state.withLock { $0.inTransaction = true }
+        return (leasedEngine, leased)
+    }
+
+    private func enter() throws {
+        try state.withLock { state in
+            if state.closed {
+                throw DBError(
+                    .sessionClosed,
+                    "this session was closed; ask the connect for a new one with session()",
+                    connect: connect.label, host: host
+                )
+            }
+            if state.busy {
+                throw DBError(
+                    .sessionBusy,
+                    "the session is already running a statement in another task; a session serves one task at a time, so give concurrent work its own context (withDBContext) or session (withSession)",
+                    connect: connect.label, host: host
+                )
+            }
+            state.busy = true
+        }
+    }
+
+    private func leave(_ engine: Engine?) async {
+        let release = state.withLock { state -> Engine.Connection? in
+            state.busy = false
+            guard state.releaseWhenIdle else { return nil }
+            state.releaseWhenIdle = false
+            return state.connection
+        }
+        if let release, let engine {
+            await finalRelease(engine, release)
+        }
+    }
+
+    // MARK: - Ending transactions
+
+    /// Commits the open transaction, if any, and keeps the connection for the next one.
+    /// - Throws: ``DBError/Code/commitFailed`` when `COMMIT` fails; nothing of the transaction is committed then.
+    public func commit() async throws {
+        try enter()
+        guard let (engine, connection) = openTransaction() else { return await leave(nil) }
+        if state.withLock({ $0.transactionFailed }) {
+            await discardTransaction(engine, connection)
+            await leave(engine)
+            throw DBError(
+                .commitFailed,
+                "a statement of this transaction failed, so the transaction was rolled back instead of committed; catch failures inside an atomic block, or roll back and retry",
+                connect: connect.label, host: host
+            )
+        }
+        do {
+            try await engine.execute(.commit, on: connection)
+            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            await leave(engine)
+        } catch {
+            // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
+            await discardTransaction(engine, connection)
+            await leave(engine)
+            throw DBError(
+                .commitFailed,
+                "COMMIT failed and the transaction was rolled back; nothing of it was saved",
+                connect: connect.label, host: host, underlying: error
+            )
+        }
+    }
+
+    /// Rolls the open transaction back, if any, and keeps the connection for the next one.
+    ///
+    /// If `ROLLBACK` itself fails the connection is closed instead of pooled, then the error is thrown.
+    public func rollback() async throws {
+        try enter()
+        guard let (engine, connection) = openTransaction() else { return await leave(nil) }
+        do {
+            try await engine.execute(.rollback, on: connection)
+            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            await leave(engine)
+        } catch {
+            await dropConnection(engine, connection)
+            await leave(engine)
+            throw error
+        }
+    }
+
+    /// Rolls back anything open and gives the connection back to the pool.
+    ///
+    /// The session refuses statements afterwards. When another task is running a statement on it,
+    /// the connection is given back as soon as that statement ends.
+    public func close() async {
+        let action = state.withLock { state -> (Engine, Engine.Connection)? in
+            state.closed = true
+            if state.busy {
+                state.releaseWhenIdle = true
+                return nil
+            }
+            guard let engine = state.engine, let connection = state.connection else { return nil }
+            state.busy = true
+            return (engine, connection)
+        }
+        guard let (engine, connection) = action else { return }
+        await finalRelease(engine, connection)
+        state.withLock { $0.busy = false }
+    }
+
+    private func openTransaction() -> (Engine, Engine.Connection)? {
+        state.withLock { state in
+            guard state.inTransaction, let engine = state.engine, let connection = state.connection else { return nil }
+            return (engine, connection)
+        }
+    }
+
+    /// Rolls back if needed, then releases. A connection whose rollback failed is not pooled.
+    private func finalRelease(_ engine: Engine, _ connection: Engine.Connection) async {
+        let inTransaction = state.withLock { state in
+            defer {
+                state.connection = nil
+                state.engine = nil
+                state.inTransaction = false
+                state.transactionFailed = false
+            }
+            return state.inTransaction
+        }
+        var reusable = true
+        if inTransaction {
+            do { try await engine.execute(.rollback, on: connection) } catch { reusable = false }
+        }
+        await engine.releaseConnection(connection, reusable: reusable)
+    }
+
+    /// Rolls the server transaction back after a failure; drops the connection if that fails too.
+    private func discardTransaction(_ engine: Engine, _ connection: Engine.Connection) async {
+        do {
+            try await engine.execute(.rollback, on: connection)
+            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+        } catch {
+            await dropConnection(engine, connection)
+        }
+    }
+
+    private func dropConnection(_ engine: Engine, _ connection: Engine.Connection) async {
+        state.withLock {
+            $0.connection = nil
+            $0.engine = nil
+            $0.inTransaction = false
+            $0.transactionFailed = false
+        }
+        await engine.releaseConnection(connection, reusable: false)
+    }
+}

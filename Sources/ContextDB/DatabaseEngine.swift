@@ -1,0 +1,116 @@
+/// A database driver as ContextDB sees it: a pool that leases connections and runs
+/// transaction control statements on them.
+///
+/// An engine is created lazily by a ``DBConnect``, one per host, and shut down by
+/// ``DBConnect/close()``. Implementations must be safe to call from many tasks at once.
+public protocol DatabaseEngine: Sendable {
+    /// One leased connection. Handed to one session at a time.
+    associatedtype Connection: Sendable
+
+    /// Leases a connection from the pool, connecting if needed.
+    /// - Throws: A ``DBError`` with code ``DBError/Code/connectionFailed`` when no connection can be had.
+    func leaseConnection() async throws -> Connection
+
+    /// Gives a leased connection back.
+    ///
+    /// ContextDB only releases a connection that is outside any transaction; when it could not
+    /// make sure of that, it passes `reusable: false` and the engine must close the connection
+    /// instead of pooling it.
+    /// - Parameters:
+    ///   - connection: A connection this engine leased.
+    ///   - reusable: `false` when the connection must not be handed to another borrower.
+    func releaseConnection(_ connection: Connection, reusable: Bool) async
+
+    /// Runs a transaction control statement (`BEGIN`, `COMMIT`, `ROLLBACK`, savepoints).
+    /// - Parameters:
+    ///   - statement: The statement to run.
+    ///   - connection: A leased connection.
+    func execute(_ statement: DBControlStatement, on connection: Connection) async throws
+
+    /// Whether `error`, thrown by a statement while a transaction was open, means the server
+    /// aborted that transaction (see the default in the extension).
+    func abortsTransaction(_ error: any Error) -> Bool
+
+    /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
+    func shutdown() async
+}
+
+/// A transaction control statement a session asks its engine to run.
+public enum DBControlStatement: Sendable, Hashable {
+    /// Opens a transaction with the session's options.
+    case begin(DBSessionOptions)
+    /// Commits the open transaction.
+    case commit
+    /// Rolls the open transaction back.
+    case rollback
+    /// Sets a savepoint with the given name.
+    case savepoint(String)
+    /// Releases (keeps the work of) a savepoint.
+    case releaseSavepoint(String)
+    /// Undoes the work since a savepoint, keeping the transaction open.
+    case rollbackToSavepoint(String)
+
+    /// The statement as standard SQL, as PostgreSQL reads it.
+    public var sql: String {
+        switch self {
+        case .begin(let options):
+            var sql = "BEGIN"
+            if let level = options.isolationLevel { sql += " ISOLATION LEVEL \(level.sql)" }
+            if options.readOnly { sql += " READ ONLY" }
+            return sql
+        case .commit: return "COMMIT"
+        case .rollback: return "ROLLBACK"
+        case .savepoint(let name): return "SAVEPOINT \(name)"
+        case .releaseSavepoint(let name): return "RELEASE SAVEPOINT \(name)"
+        case .rollbackToSavepoint(let name): return "ROLLBACK TO SAVEPOINT \(name)"
+        }
+    }
+}
+
+/// How a ``DBConnect``'s sessions open their transactions.
+public struct DBSessionOptions: Sendable, Hashable {
+    /// Open every transaction `READ ONLY`: a write fails at once. Default `false`.
+    public var readOnly: Bool
+    /// The isolation level of every transaction; `nil` (the default) keeps the server's default.
+    public var isolationLevel: DBIsolationLevel?
+
+    /// Creates session options.
+    /// - Parameters:
+    ///   - readOnly: Open transactions `READ ONLY`. Default `false`.
+    ///   - isolationLevel: The isolation level; `nil` keeps the server's default.
+    public init(readOnly: Bool = false, isolationLevel: DBIsolationLevel? = nil) {
+        self.readOnly = readOnly
+        self.isolationLevel = isolationLevel
+    }
+}
+
+/// A SQL transaction isolation level.
+public enum DBIsolationLevel: String, Sendable, Hashable, CaseIterable {
+    /// `READ UNCOMMITTED` (PostgreSQL treats it as read committed).
+    case readUncommitted
+    /// `READ COMMITTED`, PostgreSQL's default.
+    case readCommitted
+    /// `REPEATABLE READ`.
+    case repeatableRead
+    /// `SERIALIZABLE`.
+    case serializable
+
+    /// The level as it is written in SQL.
+    public var sql: String {
+        switch self {
+        case .readUncommitted: return "READ UNCOMMITTED"
+        case .readCommitted: return "READ COMMITTED"
+        case .repeatableRead: return "REPEATABLE READ"
+        case .serializable: return "SERIALIZABLE"
+        }
+    }
+}
+
+extension DatabaseEngine {
+    /// Whether `error`, thrown while a transaction was open, means the server aborted that
+    /// transaction. ContextDB then refuses to report a later commit as a success.
+    ///
+    /// The default answers `true` for every error; engines that can tell a client-side error
+    /// (decoding a row, say) from a server one should refine it.
+    public func abortsTransaction(_ error: any Error) -> Bool { true }
+}

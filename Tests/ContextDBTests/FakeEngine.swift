@@ -1,0 +1,162 @@
+import ContextDB
+import Synchronization
+
+/// An in-memory database shared by every fake engine of a test: it records each lease,
+/// release and statement, and keeps a one-table "database" so tests can count committed rows.
+final class FakeDatabase: Sendable {
+    struct State {
+        var log: [String] = []
+        var nextConnection = 1
+        var leased: Set<Int> = []
+        var enginesCreated: [String] = []
+        var enginesShutDown: [String] = []
+        var committedRows = 0
+        var pendingRows: [Int: Int] = [:]
+        /// Statements (by exact text) that fail the next time they run.
+        var failures: Set<String> = []
+        /// Hosts whose engine factory throws.
+        var unreachableHosts: Set<String> = []
+        var gates: [Int: CheckedContinuation<Void, Never>] = [:]
+        var waitingForGate: [CheckedContinuation<Void, Never>] = []
+    }
+
+    let state = Mutex(State())
+
+    var log: [String] { state.withLock { $0.log } }
+    var committedRows: Int { state.withLock { $0.committedRows } }
+    var leasedCount: Int { state.withLock { $0.leased.count } }
+    var enginesCreated: [String] { state.withLock { $0.enginesCreated } }
+    var enginesShutDown: [String] { state.withLock { $0.enginesShutDown } }
+
+    func record(_ line: String) { state.withLock { $0.log.append(line) } }
+    func clearLog() { state.withLock { $0.log.removeAll() } }
+    func setReachable(_ host: String, _ reachable: Bool) {
+        state.withLock { state in
+            if reachable { state.unreachableHosts.remove(host) } else { state.unreachableHosts.insert(host) }
+        }
+    }
+    func failNext(_ statement: String) { state.withLock { _ = $0.failures.insert(statement) } }
+
+    /// The statements run so far, without leases and releases, e.g. `["c1: BEGIN", "c1: INSERT"]`.
+    var statements: [String] { log.filter { !$0.hasPrefix("lease") && !$0.hasPrefix("release") } }
+
+    func makeEngine(host: String) throws -> FakeEngine {
+        try state.withLock { state in
+            if state.unreachableHosts.contains(host) { throw FakeError.unreachable(host) }
+            state.enginesCreated.append(host)
+        }
+        return FakeEngine(host: host, database: self)
+    }
+
+    func run(_ sql: String, on connection: FakeEngine.Connection) async throws {
+        if sql == "WAIT" {
+            // Parks until `openGate()`: lets a test hold a statement in flight.
+            await withCheckedContinuation { continuation in
+                let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                    state.gates[connection.id] = continuation
+                    return state.waitingForGate.popLast()
+                }
+                waiter?.resume()
+            }
+        }
+        try state.withLock { state in
+            state.log.append("c\(connection.id): \(sql)")
+            if state.failures.remove(sql) != nil { throw FakeError.statementFailed(sql) }
+            switch sql {
+            case "INSERT": state.pendingRows[connection.id, default: 0] += 1
+            case "COMMIT":
+                state.committedRows += state.pendingRows.removeValue(forKey: connection.id) ?? 0
+            case "ROLLBACK": state.pendingRows[connection.id] = nil
+            default: break
+            }
+        }
+    }
+
+    /// Waits until some statement is parked on `WAIT`.
+    func waitUntilParked() async {
+        await withCheckedContinuation { continuation in
+            let parked = state.withLock { state -> Bool in
+                if !state.gates.isEmpty { return true }
+                state.waitingForGate.append(continuation)
+                return false
+            }
+            if parked { continuation.resume() }
+        }
+    }
+
+    /// Lets every parked `WAIT` statement finish.
+    func openGates() {
+        let gates = state.withLock { state in
+            defer { state.gates.removeAll() }
+            return Array(state.gates.values)
+        }
+        for gate in gates { gate.resume() }
+    }
+}
+
+enum FakeError: Error, Equatable {
+    case unreachable(String)
+    case statementFailed(String)
+    case boom
+}
+
+struct FakeEngine: DatabaseEngine {
+    struct Connection: Sendable {
+        let id: Int
+        let host: String
+        let database: FakeDatabase
+    }
+
+    let host: String
+    let database: FakeDatabase
+
+    func leaseConnection() async throws -> Connection {
+        database.state.withLock { state in
+            let connection = Connection(id: state.nextConnection, host: host, database: database)
+            state.nextConnection += 1
+            state.leased.insert(connection.id)
+            state.log.append("lease c\(connection.id)@\(host)")
+            return connection
+        }
+    }
+
+    func releaseConnection(_ connection: Connection, reusable: Bool) async {
+        database.state.withLock { state in
+            state.leased.remove(connection.id)
+            state.log.append("release c\(connection.id)" + (reusable ? "" : " broken"))
+        }
+    }
+
+    func execute(_ statement: DBControlStatement, on connection: Connection) async throws {
+        try await database.run(statement.sql, on: connection)
+    }
+
+    func shutdown() async {
+        database.state.withLock { $0.enginesShutDown.append(host) }
+    }
+}
+
+extension DBSession where Engine == FakeEngine {
+    /// Runs a fake statement: `INSERT` adds a pending row, `WAIT` parks until the gate opens.
+    func execute(_ sql: String) async throws {
+        try await withConnection { connection in
+            try await connection.database.run(sql, on: connection)
+        }
+    }
+}
+
+extension DBConnect where Engine == FakeEngine {
+    /// A connect on a fresh fake database, for tests.
+    static func fake(
+        label: String = "default",
+        host: String? = "db1",
+        options: DBSessionOptions = DBSessionOptions(),
+        database: FakeDatabase = FakeDatabase(),
+        beforeCreateSession: BeforeCreateSession? = nil
+    ) -> DBConnect<FakeEngine> {
+        DBConnect(label: label, host: host, options: options, beforeCreateSession: beforeCreateSession) { host in
+            try database.makeEngine(host: host)
+        }
+    }
+
+}
