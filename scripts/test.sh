@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
-# The test command: builds with warnings treated as errors, then runs the whole test suite.
-# Usage: scripts/test.sh [extra swift test arguments]
+# The test command: starts a throwaway PostgreSQL primary + replica (scripts/pg-cluster.sh),
+# builds with warnings treated as errors, runs the whole test suite, and stops the cluster on
+# every exit path.
+# Usage: scripts/test.sh [extra swift test arguments, e.g. --filter ContextDBTests]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
+# Own ports, so a developer's cluster on the default ports is left alone.
+export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-56432}
+export PG_REPLICA_PORT=${PG_REPLICA_PORT:-56433}
+export PG_REPLICAS=${PG_REPLICAS:-2}
+
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+cleanup() {
+    rm -f "$log"
+    scripts/pg-cluster.sh stop || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+scripts/pg-cluster.sh start
+eval "$(scripts/pg-cluster.sh env)"
+
 swift build --build-tests 2>&1 | tee "$log"
 # Our own code must build without warnings (dependencies' warnings are theirs).
 if grep -E "^$root/(Sources|Tests|Benchmarks)/.*: warning:" "$log"; then

@@ -187,6 +187,29 @@ public func withDBContext<R>(
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
+    try await withDBRequest(ifActive: ifActive, beforeCommit: beforeCommit, statusCode: { _ in 200 }, body)
+}
+
+/// Runs one request the way a server middleware does: in a new context, committing when the
+/// status `body`'s result maps to is below 400, rolling back at 400 and above or when `body`
+/// throws, and always closing every session — before the caller gets the result.
+///
+/// Framework integrations (`DBSessionMiddleware`) are built on it; use it to write your own.
+/// - Parameters:
+///   - ifActive: What to do when a context is already active. Default ``DBContextNesting/join``:
+///     run in it and leave the ending to its owner (a test that installed one, say).
+///   - beforeCommit: Runs before each commit with the session about to commit.
+///   - statusCode: The HTTP status of `body`'s result.
+///   - body: The request handler.
+/// - Returns: What `body` returns, once its transactions are committed.
+/// - Throws: What `body` throws, or what the commit throws — then nothing was reported as done.
+public func withDBRequest<R>(
+    ifActive: DBContextNesting = .join,
+    beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil,
+    statusCode: (R) -> Int,
+    isolation: isolated (any Actor)? = #isolation,
+    _ body: () async throws -> R
+) async throws -> R {
     if DBContext.current != nil {
         switch ifActive {
         case .newContext: break
@@ -202,7 +225,7 @@ public func withDBContext<R>(
     let result: R
     do {
         result = try await context.run(body)
-        try await context.commitAll(beforeCommit: beforeCommit)
+        try await context.finish(statusCode: statusCode(result), beforeCommit: beforeCommit)
     } catch {
         await context.rollbackAll()
         await context.end()

@@ -14,23 +14,14 @@ func expectDBError(
     return error
 }
 
-/// Serves one "request" the way DBSessionMiddleware does: a new context, commit below 400,
-/// roll back otherwise or on error, close everything. Returns the status sent.
+/// Serves one "request" the way DBSessionMiddleware does (see `withDBRequest`); a thrown error
+/// or a failed commit becomes a 500. Returns the status sent.
 func serve(_ handler: () async throws -> Int) async -> Int {
-    let context = DBContext()
-    var status: Int
     do {
-        status = try await context.run(handler)
+        return try await withDBRequest(statusCode: { $0 }, handler)
     } catch {
-        status = 500
+        return 500
     }
-    do {
-        try await context.finish(statusCode: status)
-    } catch {
-        status = 500
-    }
-    await context.end()
-    return status
 }
 
 /// A one-shot signal between tasks.

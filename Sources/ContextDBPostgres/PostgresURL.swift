@@ -1,0 +1,168 @@
+import ContextDB
+import Foundation
+import PostgresNIO
+
+/// A libpq-style connection URI: `postgresql://user:password@host1:5432,host2:5433/db?sslmode=disable`.
+///
+/// Several hosts are allowed; which one serves a session is the connect's choice. Recognised
+/// query parameters: `sslmode` (`disable`, `allow`, `prefer` — the default —, `require`,
+/// `verify-ca`, `verify-full`), `application_name`, `connect_timeout` (seconds). Others are
+/// rejected, so a typo never goes unnoticed.
+///
+/// The ``description`` masks the password.
+public struct PostgresURL: Sendable, CustomStringConvertible {
+    /// The servers named in the URI, in order.
+    public var endpoints: [PostgresEndpoint]
+    /// The user name.
+    public var username: String
+    /// The password, if any. Never printed.
+    public var password: String?
+    /// The database name; `nil` means the server's default (the user name).
+    public var database: String?
+    /// The `sslmode` parameter. Default `prefer`.
+    public var sslMode: String
+    /// The `application_name` parameter, shown in `pg_stat_activity`.
+    public var applicationName: String?
+    /// The `connect_timeout` parameter. Default 10 seconds.
+    public var connectTimeout: Duration
+
+    /// Parses a URI.
+    /// - Parameter string: A `postgresql://` or `postgres://` URI.
+    /// - Throws: ``DBError/Code/invalidConfiguration`` naming the problem (never echoing the password),
+    ///   or ``DBError/Code/emptyHost``.
+    public init(_ string: String) throws {
+        func invalid(_ problem: String) -> DBError {
+            DBError(
+                .invalidConfiguration,
+                "malformed PostgreSQL URI: \(problem); expected postgresql://user:password@host:port[,host:port…]/database[?sslmode=…]"
+            )
+        }
+        var rest = Substring(string)
+        if rest.hasPrefix("postgresql://") {
+            rest = rest.dropFirst("postgresql://".count)
+        } else if rest.hasPrefix("postgres://") {
+            rest = rest.dropFirst("postgres://".count)
+        } else {
+            throw invalid("it must start with postgresql:// or postgres://")
+        }
+
+        var query: Substring = ""
+        if let mark = rest.firstIndex(of: "?") {
+            query = rest[rest.index(after: mark)...]
+            rest = rest[..<mark]
+        }
+        var path: Substring = ""
+        if let slash = rest.firstIndex(of: "/") {
+            path = rest[rest.index(after: slash)...]
+            rest = rest[..<slash]
+        }
+        // The user info ends at the last "@": a password may contain "@" only percent-encoded,
+        // but be lenient with the host list, which never contains one.
+        var userInfo: Substring?
+        if let at = rest.lastIndex(of: "@") {
+            userInfo = rest[..<at]
+            rest = rest[rest.index(after: at)...]
+        }
+
+        var username = ""
+        var password: String?
+        if let userInfo {
+            let parts = userInfo.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let user = parts[0].removingPercentEncoding else { throw invalid("the user name has a bad %-escape") }
+            username = user
+            if parts.count == 2 {
+                guard let decoded = parts[1].removingPercentEncoding else {
+                    throw invalid("the password has a bad %-escape")
+                }
+                password = decoded
+            }
+        }
+        guard !username.isEmpty else { throw invalid("it names no user (user@host)") }
+
+        guard !rest.isEmpty else {
+            throw DBError(.emptyHost, "the PostgreSQL URI names no host; write postgresql://user@host:5432/database")
+        }
+        endpoints = try rest.split(separator: ",", omittingEmptySubsequences: false).map {
+            try PostgresEndpoint(parsing: String($0))
+        }
+
+        self.username = username
+        self.password = password
+        guard let database = path.removingPercentEncoding else { throw invalid("the database name has a bad %-escape") }
+        self.database = database.isEmpty ? nil : database
+        self.sslMode = "prefer"
+        self.applicationName = nil
+        self.connectTimeout = .seconds(10)
+
+        for pair in query.split(separator: "&") where !pair.isEmpty {
+            let keyValue = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = String(keyValue[0])
+            guard keyValue.count == 2, let value = keyValue[1].removingPercentEncoding else {
+                throw invalid("the parameter \"\(key)\" has no value")
+            }
+            switch key {
+            case "sslmode":
+                guard ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"].contains(value) else {
+                    throw invalid("sslmode \"\(value)\" is not one of disable, allow, prefer, require, verify-ca, verify-full")
+                }
+                sslMode = value
+            case "application_name":
+                applicationName = value
+            case "connect_timeout":
+                guard let seconds = Int(value), seconds > 0 else {
+                    throw invalid("connect_timeout \"\(value)\" is not a positive number of seconds")
+                }
+                connectTimeout = .seconds(seconds)
+            default:
+                throw invalid("the parameter \"\(key)\" is not supported (supported: sslmode, application_name, connect_timeout)")
+            }
+        }
+    }
+
+    /// The URI with the password masked.
+    public var description: String {
+        var text = "postgresql://\(username)"
+        if password != nil { text += ":***" }
+        text += "@" + endpoints.map(\.description).joined(separator: ",")
+        if let database { text += "/\(database)" }
+        text += "?sslmode=\(sslMode)"
+        return text
+    }
+
+    /// The TLS setting `sslmode` asks for.
+    public var tls: PostgresClient.Configuration.TLS {
+        switch sslMode {
+        case "disable": return .disable
+        case "require", "verify-ca", "verify-full": return .require(tlsConfiguration)
+        default: return .prefer(tlsConfiguration)  // allow, prefer
+        }
+    }
+
+    /// The certificate checks `sslmode` asks for: none below `verify-ca`, the chain for
+    /// `verify-ca`, the chain and the host name for `verify-full`.
+    var tlsConfiguration: TLSConfiguration {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        switch sslMode {
+        case "verify-full": break
+        case "verify-ca": configuration.certificateVerification = .noHostnameVerification
+        default: configuration.certificateVerification = .none
+        }
+        return configuration
+    }
+
+    /// The PostgresNIO configuration for one of the endpoints.
+    /// - Parameter endpoint: The server; default the first one.
+    /// - Returns: A client configuration with this URI's user, database, TLS and timeouts.
+    public func configuration(for endpoint: PostgresEndpoint? = nil) -> PostgresClient.Configuration {
+        let endpoint = endpoint ?? endpoints[0]
+        var configuration = PostgresClient.Configuration(
+            host: endpoint.host, port: endpoint.port,
+            username: username, password: password, database: database, tls: tls
+        )
+        configuration.options.connectTimeout = connectTimeout
+        if let applicationName {
+            configuration.options.additionalStartupParameters.append(("application_name", applicationName))
+        }
+        return configuration
+    }
+}

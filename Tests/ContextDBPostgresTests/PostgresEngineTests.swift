@@ -1,0 +1,93 @@
+import ContextDB
+import ContextDBPostgres
+import PostgresNIO
+import Testing
+
+@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(3)))
+struct PostgresEngineTests {
+    @Test func theReplicaSeesReplicatedRowsOnceItReplayedThem() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            try await withDBContext { try await fixture.insert(fixture.primary.session(), "replicated") }
+            try await fixture.waitForReplica()
+            let text = try await withDBContext {
+                try await fixture.replica.session().queryValue(
+                    "SELECT text FROM \(unescaped: fixture.table)", as: String.self
+                )
+            }
+            #expect(text == "replicated")
+        }
+    }
+
+    @Test func aWriteInAReadOnlySessionFailsAtOnce() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            try await fixture.waitForReplica()  // the table exists on the replica
+            let onReplica = await expectDBError(.readOnlySession) {
+                try await withDBContext { try await fixture.insert(fixture.replica.session()) }
+            }
+            #expect(onReplica?.connect == "replica")
+            #expect(onReplica?.sqlState == "25006")
+            #expect(onReplica?.description.contains("read-only") == true)
+
+            // The same rule on the primary's server, for a connect declared read-only.
+            let readOnlyPrimary = try DBConnect(
+                label: "reporting", url: TestCluster.primaryURL, options: DBSessionOptions(readOnly: true)
+            )
+            await expectDBError(.readOnlySession) {
+                try await withDBContext { try await fixture.insert(readOnlyPrimary.session()) }
+            }
+            await readOnlyPrimary.close()
+            #expect(try await fixture.count() == 0)
+        }
+    }
+
+    @Test func interpolatedValuesAreBoundNotSpliced() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            let hostile = "x'); DROP TABLE \(fixture.table); --"
+            try await withDBContext { try await fixture.insert(fixture.primary.session(), hostile) }
+            let stored = try await fixture.primary.withSession { session in
+                try await session.queryValue("SELECT text FROM \(unescaped: fixture.table)", as: String.self)
+            }
+            #expect(stored == hostile)
+        }
+    }
+
+    @Test func aCommitThatFailsAtCommitTimeSavesNothing() async throws {
+        try await Fixture.with(deferredUnique: true) { (fixture: Fixture) async throws in
+            let error = await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await fixture.primary.session()
+                    try await fixture.insert(session, "same")
+                    try await fixture.insert(session, "same")  // the deferred check runs at COMMIT
+                }
+            }
+            #expect(error?.host == "\(TestCluster.host):\(TestCluster.port)")
+            #expect(try await fixture.count() == 0)
+            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+        }
+    }
+
+    @Test func sessionOptionsReachTheServer() async throws {
+        let connect = try DBConnect(
+            url: TestCluster.primaryURL, options: DBSessionOptions(readOnly: true, isolationLevel: .serializable)
+        )
+        let (isolation, readOnly) = try await withDBContext {
+            let session = try await connect.session()
+            return (
+                try await session.queryValue("SHOW transaction_isolation", as: String.self),
+                try await session.queryValue("SHOW transaction_read_only", as: String.self)
+            )
+        }
+        await connect.close()
+        #expect(isolation == "serializable")
+        #expect(readOnly == "on")
+    }
+
+    @Test func servedByIsTheHostTheSessionReallyUsed() async throws {
+        let connect = try DBConnect(url: TestCluster.url(host: "127.0.0.1", port: TestCluster.replicaPort))
+        let port = try await withDBContext {
+            try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self)
+        }
+        await connect.close()
+        #expect(port == TestCluster.replicaPort)
+    }
+}

@@ -1,0 +1,95 @@
+import ContextDB
+import ContextDBPostgres
+import PostgresNIO
+import Synchronization
+import Testing
+
+@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(5)))
+struct PostgresLeakTests {
+    enum Chaos: Error { case thrown }
+
+    @Test func twoThousandChaoticSessionsLeakNothing() async throws {
+        let maximumConnections = 10
+        try await Fixture.with(maximumConnections: maximumConnections) { (fixture: Fixture) async throws in
+            let committed = Counter()
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                var running: [Task<Void, any Error>] = []
+                for index in 0..<2_000 {
+                    let task = Task {
+                        try await withDBContext {
+                            let session = try await fixture.primary.session()
+                            try await fixture.insert(session, "row \(index)")
+                            switch index % 6 {
+                            case 0: throw Chaos.thrown
+                            case 1: try await session.rollback()
+                            case 2: await session.close()
+                            case 3: try await Task.sleep(for: .milliseconds(Int.random(in: 0...20)))  // cancelled below
+                            case 4: try await session.execute("SELECT pg_sleep(0.01)")
+                            default: break
+                            }
+                        }
+                        // Rolled back (1) and closed (2) sessions leave no row.
+                        if ![1, 2].contains(index % 6) { committed.increment() }
+                    }
+                    running.append(task)
+                    if index % 6 == 3, Bool.random() { task.cancel() }
+                    if running.count == 64 {
+                        for task in running { _ = try? await task.value }
+                        running.removeAll()
+                    }
+                }
+                for task in running { _ = try? await task.value }
+                group.addTask {}
+                try await group.waitForAll()
+            }
+            let activity = try await fixture.activity()
+            #expect(!activity.contains { $0.hasPrefix("idle in transaction") }, "\(activity)")
+            #expect(activity.filter { $0 != "" }.count <= maximumConnections)
+            #expect(try await fixture.count() == committed.value)
+        }
+    }
+
+    @Test func aCancelledTransactionNeverReachesTheNextBorrower() async throws {
+        // One connection: the borrower after the cancellation must get the same one, clean.
+        try await Fixture.with(maximumConnections: 1) { (fixture: Fixture) async throws in
+            for _ in 0..<20 {
+                let started = Signal()
+                let request = Task {
+                    try await withDBContext {
+                        let session = try await fixture.primary.session()
+                        try await fixture.insert(session, "uncommitted")
+                        started.fire()
+                        try await session.execute("SELECT pg_sleep(0.05)")
+                        try await Task.sleep(for: .seconds(30))
+                    }
+                }
+                await started.wait()
+                request.cancel()
+                _ = try? await request.value
+                // Had the connection gone back inside the old transaction, this session's BEGIN
+                // would join it and count the uncommitted row.
+                let clean = try await fixture.primary.withSession { session in
+                    try await session.queryValue(
+                        "SELECT count(*)::int FROM \(unescaped: fixture.table)", as: Int.self
+                    )
+                }
+                #expect(clean == 0)
+            }
+            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+        }
+    }
+}
+
+final class Counter: Sendable {
+    private let count = Mutex(0)
+    func increment() { count.withLock { $0 += 1 } }
+    var value: Int { count.withLock { $0 } }
+}
+
+final class Signal: Sendable {
+    private let stream: AsyncStream<Void>
+    private let continuation: AsyncStream<Void>.Continuation
+    init() { (stream, continuation) = AsyncStream.makeStream() }
+    func fire() { continuation.yield() }
+    func wait() async { for await _ in stream { return } }
+}

@@ -1,0 +1,123 @@
+import ContextDB
+import ContextDBPostgres
+import Foundation
+import PostgresNIO
+import Testing
+
+/// The test cluster, from the `POSTGRES_*` variables `scripts/test.sh` exports
+/// (`scripts/pg-cluster.sh env` prints them).
+enum TestCluster {
+    static let environment = ProcessInfo.processInfo.environment
+
+    static var host: String { environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1" }
+    static var port: Int { environment["POSTGRES_PORT"].flatMap(Int.init) ?? 5432 }
+    static var user: String { environment["POSTGRES_USER"] ?? "contextdb" }
+    static var password: String { environment["POSTGRES_PASSWORD"] ?? "contextdb" }
+    static var database: String { environment["POSTGRES_DB"] ?? "contextdb" }
+    static var replicaHost: String { environment["POSTGRES_REPLICA_HOSTNAME"] ?? host }
+    static var replicaPort: Int { environment["POSTGRES_REPLICA_PORT"].flatMap(Int.init) ?? port + 1 }
+
+    /// Run the integration tests when a cluster is configured, and always in CI, where an
+    /// unreachable database must fail the run rather than skip it.
+    static var isAvailable: Bool { environment["POSTGRES_PORT"] != nil || environment["CI"] == "true" }
+
+    static func url(host: String? = nil, port: Int? = nil, user: String? = nil, password: String? = nil,
+                    database: String? = nil, query: String = "sslmode=disable") -> String {
+        let credentials = "\(user ?? self.user):\(password ?? self.password)"
+        return "postgresql://\(credentials)@\(host ?? self.host):\(port ?? self.port)/\(database ?? self.database)?\(query)"
+    }
+
+    static var primaryURL: String { url() }
+    static var replicaURL: String { url(host: replicaHost, port: replicaPort) }
+}
+
+/// A primary and a replica connect plus a table of the test's own (`example_<random>`), so
+/// tests can run in parallel and count rows without seeing each other's.
+struct Fixture {
+    let primary: DBConnect<PostgresEngine>
+    let replica: DBConnect<PostgresEngine>
+    let table: String
+    let applicationName: String
+
+    /// Runs `body` with a fresh fixture; drops the table and closes the engines afterwards.
+    static func with<R>(
+        maximumConnections: Int = 20,
+        deferredUnique: Bool = false,
+        _ body: (Fixture) async throws -> R
+    ) async throws -> R {
+        let suffix = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        let applicationName = "contextdb-test-\(suffix)"
+        let query = "sslmode=disable&application_name=\(applicationName)&connect_timeout=5"
+        let fixture = Fixture(
+            primary: try DBConnect(
+                label: "primary", url: TestCluster.url(query: query), maximumConnections: maximumConnections
+            ),
+            replica: try DBConnect(
+                label: "replica", url: TestCluster.url(host: TestCluster.replicaHost, port: TestCluster.replicaPort, query: query),
+                options: DBSessionOptions(readOnly: true), maximumConnections: maximumConnections
+            ),
+            table: "example_\(suffix)",
+            applicationName: applicationName
+        )
+        let unique = deferredUnique ? ", CONSTRAINT \(fixture.table)_text_key UNIQUE (text) DEFERRABLE INITIALLY DEFERRED" : ""
+        try await fixture.primary.withTransaction { session in
+            try await session.execute(
+                "CREATE TABLE \(unescaped: fixture.table) (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text\(unescaped: unique))"
+            )
+        }
+        do {
+            let result = try await body(fixture)
+            await fixture.tearDown()
+            return result
+        } catch {
+            await fixture.tearDown()
+            throw error
+        }
+    }
+
+    private func tearDown() async {
+        try? await primary.withTransaction { try await $0.execute("DROP TABLE IF EXISTS \(unescaped: table)") }
+        await primary.close()
+        await replica.close()
+    }
+
+    /// Inserts one row through `session`.
+    func insert(_ session: DBSession<PostgresEngine>, _ text: String = "example") async throws {
+        try await session.execute("INSERT INTO \(unescaped: table) (text) VALUES (\(text))")
+    }
+
+    /// The committed rows, counted on the primary in a session of its own.
+    func count() async throws -> Int {
+        try await primary.withSession { session in
+            try await session.queryValue("SELECT count(*)::int FROM \(unescaped: table)", as: Int.self) ?? -1
+        }
+    }
+
+    /// Waits until the replica has replayed everything the primary has committed so far —
+    /// by comparing LSNs, not by sleeping a guessed time.
+    func waitForReplica(timeout: Duration = .seconds(30)) async throws {
+        let target = try await primary.withSession { session in
+            try await session.queryValue("SELECT pg_current_wal_lsn()::text", as: String.self)!
+        }
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            let caughtUp = try await replica.withSession { session in
+                try await session.queryValue(
+                    "SELECT pg_last_wal_replay_lsn() >= \(target)::pg_lsn", as: Bool.self
+                ) ?? false
+            }
+            if caughtUp { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        Issue.record("the replica did not replay up to \(target) within \(timeout)")
+    }
+
+    /// Connections of this fixture's application in the server's `pg_stat_activity`, by state.
+    func activity(on connect: DBConnect<PostgresEngine>? = nil) async throws -> [String] {
+        try await (connect ?? primary).withSession { session in
+            try await session.query(
+                "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = \(applicationName) AND pid <> pg_backend_pid()"
+            ).map { try $0.decode(String.self) }
+        }
+    }
+}
