@@ -13,11 +13,15 @@ let package = Package(
     products: [
         .library(name: "ContextDB", targets: ["ContextDB"]),
         .library(name: "ContextDBPostgres", targets: ["ContextDBPostgres"]),
+        .library(name: "ContextDBHummingbird", targets: ["ContextDBHummingbird"]),
+        .executable(name: "ContextDBExample", targets: ["ContextDBExample"]),
     ],
     dependencies: [
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
         .target(
@@ -34,14 +38,50 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ContextDBHummingbird",
+            dependencies: [
+                "ContextDB",
+                .product(name: "Hummingbird", package: "hummingbird"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "ContextDBExample",
+            dependencies: [
+                "ContextDB",
+                "ContextDBPostgres",
+                "ContextDBHummingbird",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "TestSupport",
+            dependencies: ["ContextDB"],
+            path: "Tests/TestSupport",
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ContextDBTests",
-            dependencies: ["ContextDB"],
+            dependencies: ["ContextDB", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
             name: "ContextDBPostgresTests",
-            dependencies: ["ContextDBPostgres"],
+            dependencies: ["ContextDBPostgres", "TestSupport"],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ContextDBHummingbirdTests",
+            dependencies: [
+                "ContextDBExample",
+                "ContextDBHummingbird",
+                "ContextDBPostgres",
+                "TestSupport",
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ],
             swiftSettings: swiftSettings
         ),
     ],

@@ -65,6 +65,16 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// The host new sessions bind to when the hook chooses none.
     public var host: String? { state.withLock { $0.host } }
 
+    /// The engines created so far, by host (engines still being created are left out).
+    public var engines: [String: Engine] {
+        state.withLock { state in
+            state.engines.compactMapValues { slot in
+                if case .ready(let engine) = slot { return engine }
+                return nil
+            }
+        }
+    }
+
     /// The hosts that have an engine (created or being created).
     public var engineHosts: [String] { state.withLock { Array($0.engines.keys).sorted() } }
 

@@ -46,6 +46,19 @@ public final class DBContext: Sendable {
         state.withLock { $0.entries.map(\.session) }
     }
 
+    /// A value stored in this context for the rest of the request, by key type.
+    ///
+    /// Use it to carry request-wide facts between the handler, `beforeCommit` and the
+    /// middleware — a read-your-own-writes token, say:
+    /// ```swift
+    /// enum CommitLSN: DBContextKey { typealias Value = String }
+    /// DBContext.current?[CommitLSN.self] = lsn
+    /// ```
+    public subscript<Key: DBContextKey>(_ key: Key.Type) -> Key.Value? {
+        get { state.withLock { $0.values[ObjectIdentifier(key)] as? Key.Value } }
+        set { state.withLock { $0.values[ObjectIdentifier(key)] = newValue } }
+    }
+
     /// Whether ``end()`` ran: no new session can be made in this context.
     public var isFinished: Bool { state.withLock { $0.finished } }
 
@@ -159,6 +172,12 @@ public final class DBContext: Sendable {
     }
 }
 
+/// A key for a value stored in a ``DBContext`` (see ``DBContext/subscript(_:)``).
+public protocol DBContextKey {
+    /// The type of the stored value.
+    associatedtype Value: Sendable
+}
+
 /// What ``withDBContext(ifActive:beforeCommit:isolation:_:)`` does when a context is already active.
 public enum DBContextNesting: Sendable {
     /// Open a new, separate context; the outer one is untouched. The default.
@@ -187,7 +206,7 @@ public func withDBContext<R>(
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
-    try await withDBRequest(ifActive: ifActive, beforeCommit: beforeCommit, statusCode: { _ in 200 }, body)
+    try await withDBRequest(ifActive: ifActive, beforeCommit: beforeCommit, statusCode: { _ in 200 }, onCommitted: nil, body)
 }
 
 /// Runs one request the way a server middleware does: in a new context, committing when the
@@ -200,6 +219,8 @@ public func withDBContext<R>(
 ///     run in it and leave the ending to its owner (a test that installed one, say).
 ///   - beforeCommit: Runs before each commit with the session about to commit.
 ///   - statusCode: The HTTP status of `body`'s result.
+///   - onCommitted: Runs after a successful commit (status below 400), with the context (its stored values still
+///     readable) and the result to adjust — to set a response header, say.
 ///   - body: The request handler.
 /// - Returns: What `body` returns, once its transactions are committed.
 /// - Throws: What `body` throws, or what the commit throws — then nothing was reported as done.
@@ -207,6 +228,7 @@ public func withDBRequest<R>(
     ifActive: DBContextNesting = .join,
     beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil,
     statusCode: (R) -> Int,
+    onCommitted: ((DBContext, inout R) -> Void)? = nil,
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
@@ -222,10 +244,18 @@ public func withDBRequest<R>(
         }
     }
     let context = DBContext()
-    let result: R
+    var result: R
     do {
-        result = try await context.run(body)
-        try await context.finish(statusCode: statusCode(result), beforeCommit: beforeCommit)
+        // beforeCommit runs inside the context too, so it can read and store context values.
+        var committed = false
+        result = try await context.run {
+            let result = try await body()
+            let status = statusCode(result)
+            try await context.finish(statusCode: status, beforeCommit: beforeCommit)
+            committed = status < 400
+            return result
+        }
+        if committed { onCommitted?(context, &result) }
     } catch {
         await context.rollbackAll()
         await context.end()

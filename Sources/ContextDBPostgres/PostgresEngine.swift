@@ -102,6 +102,9 @@ public final class PostgresEngine: DatabaseEngine {
         self.runTask = Task.detached { await client.run() }
     }
 
+    /// How many connections sessions hold right now (leased and not yet released).
+    public var leasedConnectionCount: Int { outstanding.withLock { $0.count } }
+
     // MARK: - Leasing
 
     public func leaseConnection() async throws -> PostgresConnection {

@@ -2,6 +2,7 @@ import ContextDB
 import ContextDBPostgres
 import PostgresNIO
 import Testing
+import TestSupport
 
 @Suite struct PostgresURLTests {
     @Test func parsesSeveralHostsAndParameters() throws {

@@ -2,6 +2,7 @@ import ContextDB
 import ContextDBPostgres
 import PostgresNIO
 import Testing
+import TestSupport
 
 @Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(3)))
 struct PostgresEngineTests {

@@ -3,6 +3,7 @@ import ContextDBPostgres
 import PostgresNIO
 import Synchronization
 import Testing
+import TestSupport
 
 @Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(5)))
 struct PostgresLeakTests {
@@ -78,18 +79,4 @@ struct PostgresLeakTests {
             #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
         }
     }
-}
-
-final class Counter: Sendable {
-    private let count = Mutex(0)
-    func increment() { count.withLock { $0 += 1 } }
-    var value: Int { count.withLock { $0 } }
-}
-
-final class Signal: Sendable {
-    private let stream: AsyncStream<Void>
-    private let continuation: AsyncStream<Void>.Continuation
-    init() { (stream, continuation) = AsyncStream.makeStream() }
-    func fire() { continuation.yield() }
-    func wait() async { for await _ in stream { return } }
 }

@@ -2,6 +2,7 @@ import ContextDB
 import ContextDBPostgres
 import PostgresNIO
 import Testing
+import TestSupport
 
 /// The nine routes of the Python original's example app at library level, against the real
 /// primary, each through the middleware's lifecycle, counting committed rows afterwards.

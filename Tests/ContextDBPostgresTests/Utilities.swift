@@ -3,6 +3,7 @@ import ContextDBPostgres
 import Foundation
 import PostgresNIO
 import Testing
+import TestSupport
 
 /// The test cluster, from the `POSTGRES_*` variables `scripts/test.sh` exports
 /// (`scripts/pg-cluster.sh env` prints them).

@@ -1,5 +1,6 @@
 import ContextDB
 import Testing
+import TestSupport
 
 @Suite(.timeLimit(.minutes(1))) struct DBConnectTests {
     @Test func emptyHostIsRejectedByConnectAndChangeHost() async throws {

@@ -1,6 +1,7 @@
 import ContextDB
 import Synchronization
 import Testing
+import TestSupport
 
 @Suite(.timeLimit(.minutes(1))) struct DBContextTests {
     @Test func withoutAContextSessionIsAClearError() async throws {
@@ -167,6 +168,36 @@ import Testing
         }
         #expect(database.committedRows == 0)
         #expect(database.statements == ["c1: BEGIN", "c1: INSERT", "c1: ROLLBACK"])
+        #expect(database.leasedCount == 0)
+    }
+
+    @Test func valuesStoredInBeforeCommitReachOnCommitted() async throws {
+        enum Token: DBContextKey { typealias Value = String }
+        let connect = DBConnect.fake()
+        for status in [200, 500] {
+            let response = try await withDBRequest(
+                beforeCommit: { _ in DBContext.current?[Token.self] = "lsn-1" },
+                statusCode: { $0.status },
+                onCommitted: { context, response in response.cookie = context[Token.self] }
+            ) {
+                try await connect.session().execute("INSERT")
+                #expect(DBContext.current?[Token.self] == nil)
+                return (status: status, cookie: String?.none)
+            }
+            #expect(response.cookie == (status == 200 ? "lsn-1" : nil))
+        }
+    }
+
+    @Test func aRequestWhoseCommitFailsIsNotReportedAsDone() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        database.failNext("COMMIT")
+        let status = await serve {
+            try await connect.session().execute("INSERT")
+            return 200
+        }
+        #expect(status == 500)
+        #expect(database.committedRows == 0)
         #expect(database.leasedCount == 0)
     }
 

@@ -1,5 +1,6 @@
 import ContextDB
 import Testing
+import TestSupport
 
 /// The nine routes of the Python original's example app, replayed against the fake engine
 /// through the middleware's lifecycle (`serve`), with the exact statements each one causes.

@@ -1,0 +1,57 @@
+import ContextDB
+import Hummingbird
+
+/// Gives every request its own ``ContextDB/DBContext`` and ends it before the response leaves.
+///
+/// - A request that already runs in a context (a test installed one) passes through untouched.
+/// - Otherwise the middleware opens a context and calls the rest of the chain in it. When the
+///   response status is below 400, every open transaction is committed — `beforeCommit` first —
+///   **before** the response is returned; if a commit fails, the client gets a 500, never a
+///   2xx for data that was not saved. A status of 400 or more, or a thrown error, rolls back.
+/// - Every session is closed and its connection returned, also when the request is cancelled.
+///
+/// ```swift
+/// let router = Router()
+/// router.add(middleware: DBSessionMiddleware())
+/// router.post("/items") { request, context in
+///     try await primary.session().execute("INSERT INTO items (text) VALUES ('a')")
+///     return HTTPResponse.Status.created
+/// }
+/// ```
+///
+/// > Warning: The commit happens before the response body is written. A streamed body must not
+/// > use the session: by the time it runs, the session is closed.
+public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
+    /// Runs before each commit with the session about to commit; a throw prevents the commit.
+    public typealias BeforeCommit = @Sendable (any AnyDBSession) async throws -> Void
+    /// Runs after the request's transactions committed, to adjust the response from the
+    /// context's stored values (a cookie, a header).
+    public typealias OnCommitted = @Sendable (DBContext, inout Response) -> Void
+
+    let beforeCommit: BeforeCommit?
+    let onCommitted: OnCommitted?
+
+    /// Creates the middleware.
+    /// - Parameters:
+    ///   - beforeCommit: Runs before each commit; `DBContext.current` is the request's context.
+    ///   - onCommitted: Runs after a successful commit with the context and the response.
+    public init(beforeCommit: BeforeCommit? = nil, onCommitted: OnCommitted? = nil) {
+        self.beforeCommit = beforeCommit
+        self.onCommitted = onCommitted
+    }
+
+    public func handle(
+        _ request: Request,
+        context: Context,
+        next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        try await withDBRequest(
+            ifActive: .join,
+            beforeCommit: beforeCommit,
+            statusCode: { Int($0.status.code) },
+            onCommitted: onCommitted
+        ) {
+            try await next(request, context)
+        }
+    }
+}

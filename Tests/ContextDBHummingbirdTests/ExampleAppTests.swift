@@ -1,0 +1,204 @@
+import ContextDB
+import ContextDBPostgres
+import Hummingbird
+import HummingbirdTesting
+import PostgresNIO
+import Testing
+import TestSupport
+
+@testable import ContextDBExample
+
+/// The example app over HTTP against the real primary and replicas. Serialized: the routes
+/// share the example's tables.
+@Suite(.serialized, .enabled(if: ExampleHarness.isAvailable), .timeLimit(.minutes(5)))
+struct ExampleAppTests {
+    @Test(arguments: [TestingSetup.router, .live])
+    func theNineRoutesMatchTheOriginal(setup: TestingSetup) async throws {
+        for route in exampleRoutes {
+            try await ExampleHarness.withExample { database, app in
+                try await app.test(setup) { client in
+                    try await client.execute(uri: route.path, method: .post) { response in
+                        #expect(response.status == route.status, "\(route.path)")
+                        let cookie = response.headers[.setCookie]
+                        #expect((cookie?.hasPrefix("X-WAL-LSN=") ?? false) == route.cookie, "\(route.path): \(cookie ?? "no cookie")")
+                    }
+                }
+                #expect(try await ExampleHarness.rows(in: "example") == route.rows, "\(route.path)")
+                #expect(ExampleHarness.leased(database) == 0)
+            }
+        }
+        #expect(try await ExampleHarness.busyConnections().isEmpty)
+    }
+
+    @Test func itemsAreWrittenOnThePrimaryAndReadThroughAReplica() async throws {
+        try await ExampleHarness.withExample { database, app in
+            try await app.test(.live) { client in
+                let id = try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"first"}"#)) { response in
+                    #expect(response.status == .created)
+                    #expect(response.headers[.setCookie]?.hasPrefix("X-WAL-LSN=") == true)
+                    return json(response.body)["id"] as? Int
+                }
+                #expect(id == 1)
+                // The replica may lag: retry the read until it has replayed the row.
+                var item: [String: Any] = [:]
+                for _ in 0..<200 {
+                    let (status, body) = try await client.execute(uri: "/items/1", method: .get) { ($0.status, json($0.body)) }
+                    if status == .ok { item = body; break }
+                    #expect(status == .notFound)
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+                #expect(item["text"] as? String == "first")
+                #expect(ExampleHarness.replicaEndpoints.contains(item["served_by"] as? String ?? "none"))
+
+                try await client.execute(uri: "/items/99999", method: .get) { #expect($0.status == .notFound) }
+                try await client.execute(uri: "/health", method: .get) { response in
+                    #expect(response.status == .ok)
+                    #expect(json(response.body)["status"] as? String == "ok")
+                }
+            }
+        }
+    }
+
+    @Test func writeThenReadReportsTheReplicaThatServedIt() async throws {
+        try await ExampleHarness.withExample { _, app in
+            try await app.test(.router) { client in
+                try await client.execute(
+                    uri: "/items/write_then_read", method: .post, body: jsonBody(#"{"text":"wr"}"#)
+                ) { response in
+                    #expect(response.status == .ok)
+                    let body = json(response.body)
+                    #expect(body["id"] as? Int == 1)
+                    #expect(body["found"] is Bool)
+                    #expect(ExampleHarness.replicaEndpoints.contains(body["served_by"] as? String ?? "none"))
+                }
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 1)  // committed before the read
+        }
+    }
+
+    @Test func badInputIsA400AndWritesNothing() async throws {
+        try await ExampleHarness.withExample { _, app in
+            try await app.test(.live) { client in
+                for (uri, method, body) in [
+                    ("/items", HTTPRequest.Method.post, #"{"text":"#),
+                    ("/items", .post, #"{"title":"no text"}"#),
+                    ("/items/write_then_read", .post, "not json"),
+                    ("/items/abc", .get, ""),
+                ] {
+                    try await client.execute(uri: uri, method: method, body: jsonBody(body)) { response in
+                        #expect(response.status == .badRequest, "\(uri) \(body)")
+                        let error = json(response.body)["error"] as? [String: Any]
+                        #expect((error?["message"] as? String)?.isEmpty == false, "\(uri): a message says what is wrong")
+                    }
+                }
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 0)
+        }
+    }
+
+    @Test func aCommitThatFailsGivesA500AndNoRow() async throws {
+        try await ExampleHarness.withAdmin { admin in
+            try await admin.withTransaction { session in
+                try await session.execute("DROP TABLE IF EXISTS deferred_unique")
+                try await session.execute("CREATE TABLE deferred_unique (text text UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+            }
+        }
+        try await ExampleHarness.withExample(extraRoutes: { router, database in
+            router.post("/test/duplicate") { _, _ -> HTTPResponse.Status in
+                let session = try await database.primary.session()
+                try await session.execute("INSERT INTO deferred_unique VALUES ('same')")
+                try await session.execute("INSERT INTO deferred_unique VALUES ('same')")  // checked at COMMIT
+                return .created
+            }
+        }) { database, app in
+            try await app.test(.live) { client in
+                try await client.execute(uri: "/test/duplicate", method: .post) { response in
+                    #expect(response.status == .internalServerError)
+                    #expect(response.headers[.setCookie] == nil)
+                }
+            }
+            #expect(try await ExampleHarness.rows(in: "deferred_unique") == 0)
+            #expect(ExampleHarness.leased(database) == 0)
+        }
+    }
+
+    @Test func aCancelledRequestLeavesNoTransactionAndNoLease() async throws {
+        let inserted = Signal()
+        try await ExampleHarness.withExample(extraRoutes: { router, database in
+            router.post("/test/slow") { _, _ -> HTTPResponse.Status in
+                try await database.primary.session().execute("INSERT INTO example (text) VALUES ('slow')")
+                inserted.fire()
+                try await Task.sleep(for: .seconds(60))
+                return .ok
+            }
+        }) { database, app in
+            try await app.test(.router) { client in
+                let request = Task { try await client.execute(uri: "/test/slow", method: .post) { $0.status } }
+                await inserted.wait()
+                #expect(ExampleHarness.leased(database) == 1)
+                request.cancel()
+                let status = try? await request.value
+                #expect(status != .ok)
+            }
+            #expect(ExampleHarness.leased(database) == 0)
+            #expect(try await ExampleHarness.rows(in: "example") == 0)
+            #expect(try await ExampleHarness.busyConnections().isEmpty)
+        }
+    }
+
+    @Test func fiveHundredConcurrentLiveRequestsKeepEveryPromise() async throws {
+        try await ExampleHarness.withExample(maximumConnections: 10) { database, app in
+            try await app.test(.live) { client in
+                let port = client.port!
+                let outcomes = try await withThrowingTaskGroup(of: [(String, HTTPResponse.Status, Int?)].self) { group in
+                    for worker in 0..<32 {
+                        group.addTask {
+                            try await TestClient.withClient(host: "127.0.0.1", port: port) { http in
+                                var outcomes: [(String, HTTPResponse.Status, Int?)] = []
+                                var index = worker
+                                while index < 500 {
+                                    defer { index += 32 }
+                                    let pick = index % (exampleRoutes.count + 2)
+                                    if pick < exampleRoutes.count {
+                                        let path = exampleRoutes[pick].path
+                                        let response = try await http.post(path, body: ByteBuffer())
+                                        outcomes.append((path, response.status, nil))
+                                    } else if pick == exampleRoutes.count {
+                                        let response = try await http.post("/items", body: jsonBody(#"{"text":"load"}"#))
+                                        outcomes.append(("/items", response.status, json(response.body)["id"] as? Int))
+                                    } else {
+                                        let response = try await http.post("/items/write_then_read", body: jsonBody(#"{"text":"wr"}"#))
+                                        outcomes.append(("/items/write_then_read", response.status, json(response.body)["id"] as? Int))
+                                    }
+                                }
+                                return outcomes
+                            }
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
+                }
+                #expect(outcomes.count == 500)
+                var expectedExampleRows = 0
+                for (path, status, _) in outcomes {
+                    if let route = exampleRoutes.first(where: { $0.path == path }) {
+                        #expect(status == route.status, "\(path)")
+                        expectedExampleRows += route.rows
+                    }
+                }
+                let created = outcomes.filter { $0.0 == "/items" && $0.1 == .created }.compactMap(\.2)
+                let writtenThenRead = outcomes.filter { $0.0 == "/items/write_then_read" && $0.1 == .ok }.compactMap(\.2)
+                #expect(created.count == outcomes.filter { $0.0 == "/items" }.count)
+                #expect(writtenThenRead.count == outcomes.filter { $0.0 == "/items/write_then_read" }.count)
+                #expect(try await ExampleHarness.rows(in: "example") == expectedExampleRows)
+                let ids = try await ExampleHarness.withAdmin { admin in
+                    try await admin.withSession { session in
+                        try await session.query("SELECT id FROM items").map { try $0.decode(Int.self) }
+                    }
+                }
+                #expect(Set(ids) == Set(created + writtenThenRead), "every 201 has its row, and no other row exists")
+            }
+            #expect(ExampleHarness.leased(database) == 0)
+            #expect(try await ExampleHarness.busyConnections().isEmpty)
+        }
+    }
+}

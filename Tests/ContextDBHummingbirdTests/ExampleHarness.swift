@@ -1,0 +1,114 @@
+import ContextDB
+import ContextDBPostgres
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Logging
+import PostgresNIO
+import Testing
+
+@testable import ContextDBExample
+
+/// Builds the example app on the test cluster, with empty tables, and counts what it left.
+enum ExampleHarness {
+    static let environment = ProcessInfo.processInfo.environment
+    static let applicationName = "contextdb-example-test"
+
+    static var isAvailable: Bool { environment["POSTGRES_PORT"] != nil || environment["CI"] == "true" }
+
+    static var primaryEndpoint: String {
+        "\(environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1"):\(environment["POSTGRES_PORT"] ?? "5432")"
+    }
+
+    static var replicaEndpoints: [String] {
+        let host = environment["POSTGRES_REPLICA_HOSTNAME"] ?? "127.0.0.1"
+        let ports = environment["POSTGRES_REPLICA_PORTS"] ?? environment["POSTGRES_REPLICA_PORT"] ?? "5433"
+        return ports.split(separator: ",").map { "\(host):\($0)" }
+    }
+
+    /// `DATABASE_URL` as the example reads it: the primary first, then the replicas.
+    static var databaseURL: String {
+        let user = environment["POSTGRES_USER"] ?? "contextdb"
+        let password = environment["POSTGRES_PASSWORD"] ?? "contextdb"
+        let database = environment["POSTGRES_DB"] ?? "contextdb"
+        let hosts = ([primaryEndpoint] + replicaEndpoints).joined(separator: ",")
+        return "postgresql://\(user):\(password)@\(hosts)/\(database)?sslmode=disable&application_name=\(applicationName)&connect_timeout=5"
+    }
+
+    /// A connect of the test's own, for counting and resetting.
+    static func withAdmin<R>(_ body: (DBConnect<PostgresEngine>) async throws -> R) async throws -> R {
+        let admin = try DBConnect(label: "admin", url: databaseURL.replacingOccurrences(of: applicationName, with: "contextdb-admin"))
+        do {
+            let result = try await body(admin)
+            await admin.close()
+            return result
+        } catch {
+            await admin.close()
+            throw error
+        }
+    }
+
+    /// Builds the example on empty tables and runs `body` with its database.
+    static func withExample<R>(
+        maximumConnections: Int = 20,
+        extraRoutes: (Router<BasicRequestContext>, ExampleDatabase) -> Void = { _, _ in },
+        _ body: (ExampleDatabase, any ApplicationProtocol) async throws -> R
+    ) async throws -> R {
+        let database = try ExampleDatabase(
+            url: databaseURL, maximumConnections: maximumConnections, logger: Logger(label: "test")
+        )
+        try await database.createTables()
+        try await withAdmin { admin in
+            try await admin.withTransaction { try await $0.execute("TRUNCATE example, items RESTART IDENTITY") }
+        }
+        let router = buildRouter(database: database)
+        extraRoutes(router, database)
+        var app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)))
+        app.addServices(DatabaseService(database: database))
+        return try await body(database, app)
+    }
+
+    static func rows(in table: String) async throws -> Int {
+        try await withAdmin { admin in
+            try await admin.withSession { try await $0.queryValue("SELECT count(*)::int FROM \(unescaped: table)", as: Int.self) ?? -1 }
+        }
+    }
+
+    /// The example's server connections that are not idle (in a transaction, or running).
+    static func busyConnections() async throws -> [String] {
+        try await withAdmin { admin in
+            try await admin.withSession { session in
+                try await session.query(
+                    "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = \(applicationName) AND state <> 'idle'"
+                ).map { try $0.decode(String.self) }
+            }
+        }
+    }
+
+    /// How many connections the example's sessions hold, over every engine of both connects.
+    static func leased(_ database: ExampleDatabase) -> Int {
+        (Array(database.primary.engines.values) + Array(database.replica.engines.values)).map(\.leasedConnectionCount).reduce(0, +)
+    }
+}
+
+/// A response body as a JSON object (empty when it is not one).
+func json(_ body: ByteBuffer?) -> [String: Any] {
+    guard let body, let object = try? JSONSerialization.jsonObject(with: Data(body.readableBytesView)) else { return [:] }
+    return object as? [String: Any] ?? [:]
+}
+
+/// A JSON request body.
+func jsonBody(_ text: String) -> ByteBuffer { ByteBuffer(string: text) }
+
+/// The nine routes, their statuses, the rows they leave and whether they set the cookie.
+let exampleRoutes: [(path: String, status: HTTPResponse.Status, rows: Int, cookie: Bool)] = [
+    ("/simple_usage", .ok, 1, true),
+    ("/atomic_base_example", .ok, 2, true),
+    ("/atomic_and_previous_transaction", .internalServerError, 5, false),
+    ("/early_commit", .ok, 4, true),
+    ("/concurrent_queries", .ok, 5, true),
+    ("/early_rollback", .ok, 0, false),
+    ("/auto_rollback_by_exception", .internalServerError, 0, false),
+    ("/auto_rollback_by_status_code", .internalServerError, 0, false),
+    ("/early_connection_close", .ok, 2, true),
+]

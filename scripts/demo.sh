@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs the example app against a throwaway local primary + replica and walks through every
+# route with curl, printing what happened: the status, the rows left in the table, the
+# X-WAL-LSN cookie, and which host served each read. Stops everything at the end.
+#
+# Usage: scripts/demo.sh [--serve]
+#   --serve   leave the cluster and the app running (stop them with: kill <pid>;
+#             scripts/pg-cluster.sh stop)
+# Settings: DEMO_PORT (default 8080) and the scripts/pg-cluster.sh settings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+serve=false
+[ "${1:-}" = "--serve" ] && serve=true
+port=${DEMO_PORT:-8080}
+
+command -v curl >/dev/null || { apt-get update -q && apt-get install -y -q curl; }
+
+app_pid=""
+cleanup() {
+    if [ "$serve" = false ]; then
+        [ -n "$app_pid" ] && kill "$app_pid" 2>/dev/null && wait "$app_pid" 2>/dev/null || true
+        scripts/pg-cluster.sh stop || true
+    fi
+}
+trap cleanup EXIT
+
+scripts/pg-cluster.sh start
+eval "$(scripts/pg-cluster.sh env)"
+
+echo "== building the example"
+swift build --product ContextDBExample 2>&1 | tail -n 1
+bin=$(swift build --product ContextDBExample --show-bin-path)/ContextDBExample
+
+echo "== starting it on 127.0.0.1:$port (DATABASE_URL=${DATABASE_URL/:$POSTGRES_PASSWORD@/:***@})"
+"$bin" --hostname 127.0.0.1 --port "$port" > /tmp/contextdb-demo-app.log 2>&1 &
+app_pid=$!
+for _ in $(seq 1 100); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+    kill -0 "$app_pid" 2>/dev/null || { cat /tmp/contextdb-demo-app.log; exit 1; }
+    sleep 0.2
+done
+
+sql() { PGPASSWORD=$POSTGRES_PASSWORD psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -Atqc "$1"; }
+post() { # path [json]
+    curl -s -o /tmp/contextdb-demo-body -D /tmp/contextdb-demo-head -w '%{http_code}' -X POST \
+        -H 'content-type: application/json' --data "${2:-}" "http://127.0.0.1:$port$1"
+}
+cookie() { grep -i '^set-cookie:' /tmp/contextdb-demo-head | sed 's/^[^:]*: //; s/;.*//' | tr -d '\r' || true; }
+
+echo
+echo "== the nine routes of the Python original (table 'example' emptied before each)"
+printf '%-34s %-7s %-5s %s\n' route status rows cookie
+for route in simple_usage atomic_base_example atomic_and_previous_transaction early_commit \
+    concurrent_queries early_rollback auto_rollback_by_exception auto_rollback_by_status_code \
+    early_connection_close; do
+    sql "TRUNCATE example" >/dev/null
+    status=$(post "/$route")
+    printf '%-34s %-7s %-5s %s\n' "/$route" "$status" "$(sql 'SELECT count(*) FROM example')" "$(cookie)"
+done
+
+echo
+echo "== items: write on the primary, read through a replica"
+status=$(post /items '{"text":"hello from the demo"}')
+id=$(sed 's/.*"id":\([0-9]*\).*/\1/' /tmp/contextdb-demo-body)
+echo "POST /items                      -> $status $(cat /tmp/contextdb-demo-body)  $(cookie)"
+for _ in $(seq 1 50); do  # a replica serves the row once it has replayed it
+    status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/items/$id")
+    [ "$status" = 200 ] && break
+    sleep 0.1
+done
+echo "GET /items/$id                     -> $status $(cat /tmp/contextdb-demo-body)"
+status=$(post /items/write_then_read '{"text":"read it back"}')
+echo "POST /items/write_then_read      -> $status $(cat /tmp/contextdb-demo-body)"
+status=$(post /items '{"text":')
+echo "POST /items (malformed JSON)     -> $status $(cat /tmp/contextdb-demo-body)"
+status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/items/abc")
+echo "GET /items/abc                   -> $status $(cat /tmp/contextdb-demo-body)"
+status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/health")
+echo "GET /health                      -> $status $(cat /tmp/contextdb-demo-body)"
+rm -f /tmp/contextdb-demo-body /tmp/contextdb-demo-head
+
+if [ "$serve" = true ]; then
+    echo
+    echo "== serving on http://127.0.0.1:$port (app pid $app_pid; stop: kill $app_pid; scripts/pg-cluster.sh stop)"
+fi
