@@ -25,6 +25,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+export PG_REPLICAS=${PG_REPLICAS:-2}
 scripts/pg-cluster.sh start
 eval "$(scripts/pg-cluster.sh env)"
 
@@ -63,13 +64,11 @@ echo
 echo "== items: write on the primary, read through a replica"
 status=$(post /items '{"text":"hello from the demo"}')
 id=$(sed 's/.*"id":\([0-9]*\).*/\1/' /tmp/contextdb-demo-body)
+token=$(cookie | sed 's/^X-WAL-LSN=//')
 echo "POST /items                      -> $status $(cat /tmp/contextdb-demo-body)  $(cookie)"
-for _ in $(seq 1 50); do  # a replica serves the row once it has replayed it
-    status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/items/$id")
-    [ "$status" = 200 ] && break
-    sleep 0.1
-done
-echo "GET /items/$id                     -> $status $(cat /tmp/contextdb-demo-body)"
+# Sending the token back routes the read to a replica that has the row (or to the primary).
+status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' -H "X-WAL-LSN: $token" "http://127.0.0.1:$port/items/$id")
+echo "GET /items/$id (X-WAL-LSN: $token) -> $status $(cat /tmp/contextdb-demo-body)"
 status=$(post /items/write_then_read '{"text":"read it back"}')
 echo "POST /items/write_then_read      -> $status $(cat /tmp/contextdb-demo-body)"
 status=$(post /items '{"text":')
@@ -78,6 +77,8 @@ status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1
 echo "GET /items/abc                   -> $status $(cat /tmp/contextdb-demo-body)"
 status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/health")
 echo "GET /health                      -> $status $(cat /tmp/contextdb-demo-body)"
+status=$(curl -s -o /tmp/contextdb-demo-body -w '%{http_code}' "http://127.0.0.1:$port/topology")
+echo "GET /topology                    -> $status $(cat /tmp/contextdb-demo-body)"
 rm -f /tmp/contextdb-demo-body /tmp/contextdb-demo-head
 
 if [ "$serve" = true ]; then

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL primary and streaming replicas on 127.0.0.1, for tests and the demo.
 #
-# Usage: scripts/pg-cluster.sh start|stop|status|env|promote|stop-replica [N]|start-replica [N]
-#                              |pause-replay [N]|resume-replay [N]
+# Usage: scripts/pg-cluster.sh start|stop|status|env|promote [N]|stop-replica [N]|start-replica [N]
+#                              |stop-primary|start-primary|pause-replay [N]|resume-replay [N]
 #
 #   start          initialise (first time) and start the primary and its replicas; idempotent
 #   stop           stop every server and delete the data folder; idempotent
@@ -10,6 +10,7 @@
 #   env            print the POSTGRES_* variables the tests read, as `export` lines
 #   promote [N]    promote replica N (default 1) to primary
 #   stop-replica [N], start-replica [N]     stop or start replica N (default 1)
+#   stop-primary, start-primary             stop or start the (original) primary
 #   pause-replay [N], resume-replay [N]     pause or resume WAL replay on replica N
 #
 # Settings (environment, with defaults):
@@ -199,7 +200,7 @@ role_of() { # port
 
 cmd_status() {
     ensure_postgres
-    echo "primary-slot  127.0.0.1:$PG_PRIMARY_PORT  $(role_of "$PG_PRIMARY_PORT")"
+    echo "primary       127.0.0.1:$PG_PRIMARY_PORT  $(role_of "$PG_PRIMARY_PORT")"
     local n
     for n in $(seq 1 "$PG_REPLICAS"); do
         echo "replica$n      127.0.0.1:$(replica_port "$n")  $(role_of "$(replica_port "$n")")"
@@ -230,11 +231,13 @@ main() {
         status) cmd_status ;;
         env) cmd_env ;;
         promote) ensure_postgres; ensure_os_user; as_user "$BIN/pg_ctl" -D "$(replica_dir "$n")" -w promote >/dev/null; cmd_status ;;
+        stop-primary) ensure_postgres; ensure_os_user; stop_server "$PG_CLUSTER_DIR/primary" ;;
+        start-primary) ensure_postgres; ensure_os_user; start_server "$PG_CLUSTER_DIR/primary" ;;
         stop-replica) ensure_postgres; ensure_os_user; stop_server "$(replica_dir "$n")" ;;
         start-replica) ensure_postgres; ensure_os_user; start_server "$(replica_dir "$n")" ;;
         pause-replay) ensure_postgres; psql_at "$(replica_port "$n")" "SELECT pg_wal_replay_pause()" >/dev/null ;;
         resume-replay) ensure_postgres; psql_at "$(replica_port "$n")" "SELECT pg_wal_replay_resume()" >/dev/null ;;
-        *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$command" ] || exit 2 ;;
+        *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; [ -z "$command" ] || exit 2 ;;
     esac
 }
 

@@ -98,12 +98,45 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// - Parameter host: The host; must not be empty.
     /// - Throws: ``DBError/Code/emptyHost``.
     public func changeHost(_ host: String) throws {
-        guard !host.isEmpty else {
+        try changeHost(host, fallbacks: [])
+    }
+
+    /// Chooses the host for the session being created, with hosts to fall back to.
+    ///
+    /// The session leases from `host`; if that lease fails before the session ever had a
+    /// connection, it tries each of `fallbacks` in order, calling `onLeaseFailure` for every
+    /// host that failed, and throws a ``DBError`` listing every host tried only when all fail.
+    /// Outside `beforeCreateSession` it sets the default host like ``changeHost(_:)``.
+    /// - Parameters:
+    ///   - host: The preferred host.
+    ///   - fallbacks: Hosts to try next, in order.
+    ///   - onLeaseFailure: Told about each host whose lease failed (to mark it suspect, say).
+    /// - Throws: ``DBError/Code/emptyHost`` when any host is empty.
+    public func changeHost(
+        _ host: String,
+        fallbacks: [String],
+        onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil
+    ) throws {
+        guard !host.isEmpty, !fallbacks.contains(where: \.isEmpty) else {
             throw DBError(.emptyHost, "the host is empty; pass a host such as \"127.0.0.1:5432\"", connect: label)
         }
         state.withLock { $0.host = host }
         if let selection = HostSelection.current, selection.connect == ObjectIdentifier(self) {
-            selection.choose(host)
+            selection.choose([host] + fallbacks.filter { $0 != host }, onLeaseFailure: onLeaseFailure)
+        }
+    }
+
+    /// Takes the engine of `host` out of the connect and returns it, so the caller can drain
+    /// and shut it down (a demoted primary, a host removed from the cluster). Sessions that
+    /// hold its connections keep them until they release; a later session bound to `host`
+    /// creates a new engine.
+    /// - Parameter host: The host whose engine to take out.
+    /// - Returns: The engine, or `nil` when the host has none ready.
+    public func removeEngine(for host: String) -> Engine? {
+        state.withLock { state in
+            guard case .ready(let engine) = state.engines[host] else { return nil }
+            state.engines[host] = nil
+            return engine
         }
     }
 
@@ -169,14 +202,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
                 try await beforeCreateSession(self)
             }
         }
-        guard let host = selection.host else {
+        guard let hosts = selection.hosts else {
             throw DBError(
                 .hostNotSet,
                 "no host is set; pass host: to DBConnect, call connect(host:), or choose one in beforeCreateSession with changeHost(_:)",
                 connect: label
             )
         }
-        return DBSession(connect: self, host: host)
+        return DBSession(connect: self, candidates: hosts, onLeaseFailure: selection.onLeaseFailure)
     }
 
     /// The current context's session for this connect, created on first call.
@@ -210,14 +243,23 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 final class HostSelection: Sendable {
     @TaskLocal static var current: HostSelection?
 
+    struct Choice: Sendable {
+        var hosts: [String]?
+        var onLeaseFailure: (@Sendable (String, DBError) -> Void)?
+    }
+
     let connect: ObjectIdentifier
-    private let chosen: Mutex<String?>
+    private let chosen: Mutex<Choice>
 
     init(connect: ObjectIdentifier, host: String?) {
         self.connect = connect
-        self.chosen = Mutex(host)
+        self.chosen = Mutex(Choice(hosts: host.map { [$0] }))
     }
 
-    var host: String? { chosen.withLock { $0 } }
-    func choose(_ host: String) { chosen.withLock { $0 = host } }
+    var hosts: [String]? { chosen.withLock { $0.hosts } }
+    var onLeaseFailure: (@Sendable (String, DBError) -> Void)? { chosen.withLock { $0.onLeaseFailure } }
+
+    func choose(_ hosts: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)?) {
+        chosen.withLock { $0 = Choice(hosts: hosts, onLeaseFailure: onLeaseFailure) }
+    }
 }

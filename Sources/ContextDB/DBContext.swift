@@ -21,6 +21,7 @@ public final class DBContext: Sendable {
         var entries: [Entry] = []
         var finished = false
         var values: [ObjectIdentifier: any Sendable] = [:]
+        var consistencyToken: String?
     }
 
     let state = Mutex(State())
@@ -57,6 +58,24 @@ public final class DBContext: Sendable {
     public subscript<Key: DBContextKey>(_ key: Key.Type) -> Key.Value? {
         get { state.withLock { $0.values[ObjectIdentifier(key)] as? Key.Value } }
         set { state.withLock { $0.values[ObjectIdentifier(key)] = newValue } }
+    }
+
+    /// The position the request's reads must reflect — for PostgreSQL, the WAL LSN of the
+    /// request's last committed write, or one the client echoed back (`X-WAL-LSN`).
+    ///
+    /// Engines that support read-your-own-writes advance it when a transaction that wrote
+    /// commits; replica routing reads it; the middleware takes it from the request and returns
+    /// it to the client. Opaque to the core.
+    public var consistencyToken: String? {
+        get { state.withLock { $0.consistencyToken } }
+        set { state.withLock { $0.consistencyToken = newValue } }
+    }
+
+    /// Changes ``consistencyToken`` atomically, so concurrent commits in one request keep the
+    /// newest position.
+    /// - Parameter update: Given the current token, returns the new one.
+    public func updateConsistencyToken(_ update: (String?) -> String?) {
+        state.withLock { $0.consistencyToken = update($0.consistencyToken) }
     }
 
     /// Whether ``end()`` ran: no new session can be made in this context.
@@ -206,7 +225,7 @@ public func withDBContext<R>(
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
-    try await withDBRequest(ifActive: ifActive, beforeCommit: beforeCommit, statusCode: { _ in 200 }, onCommitted: nil, body)
+    try await withDBRequest(ifActive: ifActive, beforeCommit: beforeCommit, statusCode: { _ in 200 }, body)
 }
 
 /// Runs one request the way a server middleware does: in a new context, committing when the
@@ -217,6 +236,8 @@ public func withDBContext<R>(
 /// - Parameters:
 ///   - ifActive: What to do when a context is already active. Default ``DBContextNesting/join``:
 ///     run in it and leave the ending to its owner (a test that installed one, say).
+///   - consistencyToken: The read-your-own-writes position the client sent back, if any
+///     (``DBContext/consistencyToken``).
 ///   - beforeCommit: Runs before each commit with the session about to commit.
 ///   - statusCode: The HTTP status of `body`'s result.
 ///   - onCommitted: Runs after a successful commit (status below 400), with the context (its stored values still
@@ -226,6 +247,7 @@ public func withDBContext<R>(
 /// - Throws: What `body` throws, or what the commit throws — then nothing was reported as done.
 public func withDBRequest<R>(
     ifActive: DBContextNesting = .join,
+    consistencyToken: String? = nil,
     beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil,
     statusCode: (R) -> Int,
     onCommitted: ((DBContext, inout R) -> Void)? = nil,
@@ -244,6 +266,7 @@ public func withDBRequest<R>(
         }
     }
     let context = DBContext()
+    context.consistencyToken = consistencyToken
     var result: R
     do {
         // beforeCommit runs inside the context too, so it can read and store context values.

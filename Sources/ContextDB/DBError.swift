@@ -20,6 +20,7 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
             case readOnlySession
             case invalidConfiguration
             case queryFailed
+            case noHostAvailable
         }
 
         let base: Base
@@ -52,6 +53,8 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         public static let invalidConfiguration = Code(base: .invalidConfiguration)
         /// A statement failed on the server.
         public static let queryFailed = Code(base: .queryFailed)
+        /// Routing found no host fit to serve the session (no healthy primary, no fit replica).
+        public static let noHostAvailable = Code(base: .noHostAvailable)
 
         public var description: String { base.rawValue }
     }

@@ -4,7 +4,8 @@ import Synchronization
 public protocol AnyDBSession: AnyObject, Sendable {
     /// The label of the ``DBConnect`` that made this session.
     var connectLabel: String { get }
-    /// The host this session is bound to, chosen when it was created.
+    /// The host this session is bound to: chosen when it was created, or the fallback that
+    /// served its first lease when the chosen one could not.
     var host: String { get }
     /// Whether a transaction is open (a statement ran since the last commit or rollback).
     var isInTransaction: Bool { get }
@@ -33,10 +34,15 @@ public protocol AnyDBSession: AnyObject, Sendable {
 public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// The connect that made this session.
     public let connect: DBConnect<Engine>
-    /// The host this session is bound to.
-    public let host: String
+    /// The hosts to try, in order, for the first lease; the first is the chosen one.
+    let candidates: [String]
+    /// Told about each host whose lease failed, so routing can mark it suspect.
+    let onLeaseFailure: (@Sendable (String, DBError) -> Void)?
 
     struct State: Sendable {
+        var host: String
+        /// Whether a lease ever succeeded: failover to another host only happens before that.
+        var everLeased = false
         var engine: Engine?
         var connection: Engine.Connection?
         var inTransaction = false
@@ -48,12 +54,18 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         var releaseWhenIdle = false
     }
 
-    let state = Mutex(State())
+    let state: Mutex<State>
 
-    init(connect: DBConnect<Engine>, host: String) {
+    init(connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil) {
+        precondition(!candidates.isEmpty, "a session needs a host")
         self.connect = connect
-        self.host = host
+        self.candidates = candidates
+        self.onLeaseFailure = onLeaseFailure
+        self.state = Mutex(State(host: candidates[0]))
     }
+
+    /// The host this session is bound to (see ``AnyDBSession/host``).
+    public var host: String { state.withLock { $0.host } }
 
     public var connectLabel: String { connect.label }
     public var isInTransaction: Bool { state.withLock { $0.inTransaction } }
@@ -96,43 +108,77 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
     private func prepare() async throws -> (Engine, Engine.Connection) {
         let (engine, connection, inTransaction) = state.withLock { ($0.engine, $0.connection, $0.inTransaction) }
-        if let engine, let connection, inTransaction { return (engine, connection) }
+        guard let engine, let connection else { return try await acquire() }
+        if !inTransaction { try await begin(engine, connection) }
+        return (engine, connection)
+    }
 
-        let leasedEngine: Engine
-        let leased: Engine.Connection
-        if let engine, let connection {
-            (leasedEngine, leased) = (engine, connection)
-        } else {
-            leasedEngine = try await connect.engine(for: host)
-            do {
-                leased = try await leasedEngine.leaseConnection()
-            } catch let error as DBError {
-                throw error
-            } catch {
-                throw DBError(
-                    .connectionFailed,
-                    "could not lease a connection; check that the server is up and the credentials are right",
-                    connect: connect.label, host: host, underlying: error
-                )
-            }
-            state.withLock {
-                $0.engine = leasedEngine
-                $0.connection = leased
-            }
-        }
+    /// Sends `BEGIN`; on failure the connection, in an unknown state, is closed rather than pooled.
+    private func begin(_ engine: Engine, _ connection: Engine.Connection) async throws {
         do {
-            try await leasedEngine.execute(.begin(connect.options), on: leased)
+            try await engine.execute(.begin(connect.options), on: connection)
+            state.withLock { $0.inTransaction = true }
         } catch {
-            // The connection's state is unknown: never pool it.
             state.withLock {
                 $0.connection = nil
                 $0.engine = nil
             }
-            await leasedEngine.releaseConnection(leased, reusable: false)
+            await engine.releaseConnection(connection, reusable: false)
             throw error
         }
-        state.withLock { $0.inTransaction = true }
-        return (leasedEngine, leased)
+    }
+
+    /// Leases a connection and begins a transaction. Until the session has had a connection, a
+    /// host that fails either step is reported and the next candidate tried, so a host that went
+    /// down (or a dead pooled connection) costs no failed request while another can serve.
+    private func acquire() async throws -> (Engine, Engine.Connection) {
+        let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
+        let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
+        var failures: [(host: String, error: any Error)] = []
+        for host in hosts {
+            do {
+                let engine: Engine
+                let connection: Engine.Connection
+                do {
+                    engine = try await connect.engine(for: host)
+                    connection = try await engine.leaseConnection()
+                } catch let error as DBError {
+                    throw error
+                } catch is CancellationError {
+                    throw CancellationError()
+                } catch {
+                    throw DBError(
+                        .connectionFailed,
+                        "could not lease a connection; check that the server is up and the credentials are right",
+                        connect: connect.label, host: host, underlying: error
+                    )
+                }
+                state.withLock {
+                    $0.host = host
+                    $0.engine = engine
+                    $0.connection = connection
+                }
+                try await begin(engine, connection)
+                state.withLock { $0.everLeased = true }
+                return (engine, connection)
+            } catch is CancellationError {
+                throw CancellationError()
+            } catch {
+                let failure = error as? DBError ?? DBError(
+                    .connectionFailed, "BEGIN failed on a new connection", connect: connect.label, host: host, underlying: error
+                )
+                onLeaseFailure?(host, failure)
+                failures.append((host, error))
+            }
+        }
+        if failures.count == 1 { throw failures[0].error }
+        throw DBError(
+            .connectionFailed,
+            "no host could serve the session; tried " + failures.map { failure in
+                "\(failure.host) (\((failure.error as? DBError)?.message ?? "\(failure.error)"))"
+            }.joined(separator: ", "),
+            connect: connect.label, host: hosts.joined(separator: ","), underlying: failures.last?.error
+        )
     }
 
     private func enter() throws {
@@ -141,14 +187,14 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
                 throw DBError(
                     .sessionClosed,
                     "this session was closed; ask the connect for a new one with session()",
-                    connect: connect.label, host: host
+                    connect: connect.label, host: state.host
                 )
             }
             if state.busy {
                 throw DBError(
                     .sessionBusy,
                     "the session is already running a statement in another task; a session serves one task at a time, so give concurrent work its own context (withDBContext) or session (withSession)",
-                    connect: connect.label, host: host
+                    connect: connect.label, host: state.host
                 )
             }
             state.busy = true

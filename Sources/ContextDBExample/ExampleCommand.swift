@@ -10,9 +10,10 @@ struct ExampleCommand: AsyncParsableCommand {
         commandName: "ContextDBExample",
         abstract: "ContextDB's example app: the Python original's routes plus a primary/replica items API.",
         discussion: """
-            DATABASE_URL (libpq URI, several hosts allowed) names the database: the first host \
-            is the primary, the others are replicas. Default: the local cluster of \
-            scripts/pg-cluster.sh.
+            DATABASE_URL (libpq URI) names every host of the cluster; which one is the primary \
+            and which are replicas is found by probing them, also after a failover. Default: the \
+            local cluster of scripts/pg-cluster.sh. REPLICA_MAX_LAG_BYTES limits how far a \
+            replica may lag to serve a read that carries no X-WAL-LSN token.
             """
     )
 
@@ -26,7 +27,8 @@ struct ExampleCommand: AsyncParsableCommand {
         var logger = Logger(label: "ContextDBExample")
         logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
         let url = ProcessInfo.processInfo.environment["DATABASE_URL"] ?? ExampleDatabase.localClusterURL
-        let database = try ExampleDatabase(url: url, logger: logger)
+        let maximumLag = ProcessInfo.processInfo.environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) }
+        let database = try ExampleDatabase(url: url, maximumLagBytes: maximumLag, logger: logger)
         let app = try await buildApplication(database: database, hostname: hostname, port: port, logger: logger)
         try await app.runService()
     }

@@ -3,33 +3,45 @@ import ContextDBPostgres
 import Logging
 import PostgresNIO
 import ServiceLifecycle
-import Synchronization
 
-/// The example's two connects: the primary for writes and a read-only replica connect that
-/// spreads sessions over the replica hosts.
+/// The example's two connects, routed by a topology that probes every host of the URI: the
+/// primary connect follows the current primary (also after a promotion); the replica connect
+/// spreads reads over fit replicas, honours read-your-own-writes, and falls back to the primary.
 struct ExampleDatabase: Sendable {
     /// The local cluster of `scripts/pg-cluster.sh`, used when `DATABASE_URL` is not set.
     static let localClusterURL =
         "postgresql://contextdb:contextdb@127.0.0.1:55432,127.0.0.1:55433/contextdb?sslmode=disable"
 
+    let topology: PostgresTopology
     let primary: DBConnect<PostgresEngine>
     let replica: DBConnect<PostgresEngine>
 
-    /// - Parameter url: A libpq URI; the first host is the primary, the others replicas. With a
-    ///   single host, the replica connect reads from it too (still read-only).
-    init(url: String, maximumConnections: Int = 20, logger: Logger) throws {
-        let parsed = try PostgresURL(url)
-        primary = try DBConnect(label: "primary", url: url, maximumConnections: maximumConnections, logger: logger)
-        let replicaHosts = parsed.endpoints.dropFirst().map(\.description)
-        let turn = RoundRobin()
+    /// - Parameters:
+    ///   - url: A libpq URI naming every host of the cluster, in any order: roles come from probing.
+    ///   - maximumLagBytes: The most a replica may lag to serve a read without a token.
+    init(
+        url: String,
+        maximumConnections: Int = 20,
+        maximumLagBytes: UInt64? = nil,
+        topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
+        logger: Logger
+    ) throws {
+        topology = try PostgresTopology(url: url, configuration: configuration, logger: logger)
+        primary = try DBConnect(
+            label: "primary", url: url, maximumConnections: maximumConnections, readYourWrites: true,
+            logger: logger, beforeCreateSession: topology.primaryHook()
+        )
         replica = try DBConnect(
             label: "replica", url: url, options: DBSessionOptions(readOnly: true),
             maximumConnections: maximumConnections, logger: logger,
-            beforeCreateSession: { connect in
-                guard !replicaHosts.isEmpty else { return }
-                try connect.changeHost(replicaHosts[turn.next() % replicaHosts.count])
-            }
+            beforeCreateSession: topology.replicaHook(maximumLagBytes: maximumLagBytes)
         )
+    }
+
+    /// Probes the cluster once, so the first request finds a snapshot, and creates the tables.
+    func start() async throws {
+        await topology.refresh()
+        try await createTables()
     }
 
     /// Creates the example's tables when they are missing.
@@ -57,12 +69,6 @@ struct ExampleDatabase: Sendable {
     }
 }
 
-/// A lock-free counter for round-robin choices.
-final class RoundRobin: Sendable {
-    private let counter = Atomic<Int>(0)
-    func next() -> Int { counter.add(1, ordering: .relaxed).oldValue & Int.max }
-}
-
 /// Closes the connects when the application shuts down.
 struct DatabaseService: Service {
     let database: ExampleDatabase
@@ -70,22 +76,5 @@ struct DatabaseService: Service {
     func run() async throws {
         try? await gracefulShutdown()
         await database.close()
-    }
-}
-
-/// The WAL position of the request's last committed write, for the `X-WAL-LSN` cookie.
-enum CommittedWALPosition: DBContextKey {
-    typealias Value = String
-}
-
-extension ExampleDatabase {
-    /// Captures the WAL position of a transaction that wrote, as the Python original's example does.
-    @Sendable static func captureWALPosition(_ session: any AnyDBSession) async throws {
-        guard let session = session as? DBSession<PostgresEngine>, !session.connect.options.readOnly else { return }
-        let lsn = try await session.queryValue(
-            "SELECT CASE WHEN pg_current_xact_id_if_assigned() IS NOT NULL THEN pg_current_wal_lsn()::text END",
-            as: String?.self
-        )
-        if let lsn = lsn ?? nil { DBContext.current?[CommittedWALPosition.self] = lsn }
     }
 }

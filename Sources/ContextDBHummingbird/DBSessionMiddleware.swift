@@ -1,4 +1,5 @@
 import ContextDB
+import HTTPTypes
 import Hummingbird
 
 /// Gives every request its own ``ContextDB/DBContext`` and ends it before the response leaves.
@@ -30,14 +31,27 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
 
     let beforeCommit: BeforeCommit?
     let onCommitted: OnCommitted?
+    let tokenName: String?
+    let tokenField: HTTPField.Name?
 
     /// Creates the middleware.
     /// - Parameters:
     ///   - beforeCommit: Runs before each commit; `DBContext.current` is the request's context.
     ///   - onCommitted: Runs after a successful commit with the context and the response.
-    public init(beforeCommit: BeforeCommit? = nil, onCommitted: OnCommitted? = nil) {
+    ///   - consistencyToken: The cookie and header that carry the read-your-own-writes position
+    ///     (``ContextDB/DBContext/consistencyToken``) between requests. Default `"X-WAL-LSN"`:
+    ///     a position sent back in that cookie or header routes the request's replica reads to
+    ///     a replica that has it; a request whose commit advanced it answers with the cookie and
+    ///     the header. `nil` turns this off.
+    public init(
+        beforeCommit: BeforeCommit? = nil,
+        onCommitted: OnCommitted? = nil,
+        consistencyToken: String? = "X-WAL-LSN"
+    ) {
         self.beforeCommit = beforeCommit
         self.onCommitted = onCommitted
+        self.tokenName = consistencyToken
+        self.tokenField = consistencyToken.flatMap { HTTPField.Name($0) }
     }
 
     public func handle(
@@ -45,13 +59,32 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
         context: Context,
         next: (Request, Context) async throws -> Response
     ) async throws -> Response {
-        try await withDBRequest(
+        let incoming = incomingToken(request)
+        return try await withDBRequest(
             ifActive: .join,
+            consistencyToken: incoming,
             beforeCommit: beforeCommit,
             statusCode: { Int($0.status.code) },
-            onCommitted: onCommitted
+            onCommitted: { context, response in
+                if let tokenName, let tokenField, let token = context.consistencyToken, token != incoming {
+                    response.headers.append(HTTPField(name: .setCookie, value: "\(tokenName)=\(token); Path=/; SameSite=Lax"))
+                    response.headers[tokenField] = token
+                }
+                onCommitted?(context, &response)
+            }
         ) {
             try await next(request, context)
         }
+    }
+
+    /// The token the client sent back: the header wins over the cookie. Oversized or
+    /// non-printable values are ignored (the engine validates the rest).
+    private func incomingToken(_ request: Request) -> String? {
+        guard let tokenName, let tokenField else { return nil }
+        let value = request.headers[tokenField] ?? request.cookies[tokenName]?.value
+        guard let value, !value.isEmpty, value.count <= 64, value.allSatisfy({ $0.isASCII && !$0.isWhitespace && $0 != ";" }) else {
+            return nil
+        }
+        return value
     }
 }

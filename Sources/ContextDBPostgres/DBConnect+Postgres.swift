@@ -18,6 +18,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - options: Read-only, isolation level.
     ///   - maximumConnections: Each engine's pool size. Default 20.
     ///   - leaseTimeout: The longest a session waits for a connection. Default 30 seconds.
+    ///   - readYourWrites: Record the WAL position of each committed write in the request
+    ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
     ///   - beforeCreateSession: Runs before each session is created; may choose the host.
     /// - Throws: ``DBError/Code/invalidConfiguration`` or ``DBError/Code/emptyHost`` for a bad URI.
@@ -27,6 +29,7 @@ extension DBConnect where Engine == PostgresEngine {
         options: DBSessionOptions = DBSessionOptions(),
         maximumConnections: Int = 20,
         leaseTimeout: Duration = .seconds(30),
+        readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil
     ) throws {
@@ -43,7 +46,8 @@ extension DBConnect where Engine == PostgresEngine {
         ) { host in
             try PostgresEngine(
                 url: parsed, endpoint: PostgresEndpoint(parsing: host, defaultPort: parsed.endpoints[0].port),
-                maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, logger: logger
+                maximumConnections: maximumConnections, leaseTimeout: leaseTimeout,
+                capturesCommitLSN: readYourWrites, logger: logger
             )
         }
     }

@@ -26,6 +26,10 @@ public final class PostgresEngine: DatabaseEngine {
     public let leaseTimeout: Duration
     /// The logger for the engine's own messages and its statements.
     public let logger: Logger
+    /// Whether a commit of a transaction that wrote records its WAL position in the request
+    /// context (``ContextDB/DBContext/consistencyToken``) for read-your-own-writes. It costs one
+    /// round trip per commit, and one more when the transaction wrote.
+    public let capturesCommitLSN: Bool
 
     private struct Outstanding: Sendable {
         let lease: PostgresLease
@@ -34,6 +38,7 @@ public final class PostgresEngine: DatabaseEngine {
 
     private let runTask: Task<Void, Never>
     private let outstanding = Mutex<[ObjectIdentifier: Outstanding]>([:])
+    private let idleWaiters = Mutex<[CheckedContinuation<Void, Never>]>([])
     private let connectTimeout: Duration
     /// A configuration for a direct diagnostic connection with the same TLS rules as the pool's;
     /// `nil` when that cannot be derived (then no probe sends credentials anywhere).
@@ -44,13 +49,18 @@ public final class PostgresEngine: DatabaseEngine {
     /// - Parameters:
     ///   - configuration: PostgresNIO's client configuration (host, credentials, TLS, pool size).
     ///   - leaseTimeout: The longest a lease may wait for a connection. Default 30 seconds.
+    ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
     ///   - logger: Where the engine logs. Default: label `ContextDB.Postgres`.
     public convenience init(
         configuration: PostgresClient.Configuration,
         leaseTimeout: Duration = .seconds(30),
+        capturesCommitLSN: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) {
-        self.init(configuration: configuration, probe: nil, leaseTimeout: leaseTimeout, logger: logger)
+        self.init(
+            configuration: configuration, probe: nil, leaseTimeout: leaseTimeout,
+            capturesCommitLSN: capturesCommitLSN, logger: logger
+        )
     }
 
     /// Creates an engine for one server of a URI and starts its pool. Connects nothing yet.
@@ -59,6 +69,7 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - endpoint: Which server; default the URI's first.
     ///   - maximumConnections: The pool's size. Default 20.
     ///   - leaseTimeout: The longest a lease may wait for a connection. Default 30 seconds.
+    ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
     ///   - logger: Where the engine logs.
     /// - Throws: ``DBError/Code/invalidConfiguration`` when the TLS settings cannot be built.
     public convenience init(
@@ -66,6 +77,7 @@ public final class PostgresEngine: DatabaseEngine {
         endpoint: PostgresEndpoint? = nil,
         maximumConnections: Int = 20,
         leaseTimeout: Duration = .seconds(30),
+        capturesCommitLSN: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) throws {
         let endpoint = endpoint ?? url.endpoints[0]
@@ -80,15 +92,20 @@ public final class PostgresEngine: DatabaseEngine {
                 host: endpoint.description, underlying: error
             )
         }
-        self.init(configuration: configuration, probe: probe, leaseTimeout: leaseTimeout, logger: logger)
+        self.init(
+            configuration: configuration, probe: probe, leaseTimeout: leaseTimeout,
+            capturesCommitLSN: capturesCommitLSN, logger: logger
+        )
     }
 
     private init(
         configuration: PostgresClient.Configuration,
         probe: PostgresConnection.Configuration?,
         leaseTimeout: Duration,
+        capturesCommitLSN: Bool,
         logger: Logger
     ) {
+        self.capturesCommitLSN = capturesCommitLSN
         self.endpoint = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
         var logger = logger
         logger[metadataKey: "db.host"] = "\(endpoint)"
@@ -163,11 +180,48 @@ public final class PostgresEngine: DatabaseEngine {
         }
         lease.lease.release(reusable: reusable)
         await lease.holder.value
+        if outstanding.withLock({ $0.isEmpty }) {
+            for waiter in idleWaiters.withLock({ waiters in defer { waiters.removeAll() }; return waiters }) {
+                waiter.resume()
+            }
+        }
     }
 
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
-        let query = PostgresQuery(unsafeSQL: statement.sql)
-        _ = try await connection.query(query, logger: logger)
+        guard statement == .commit, capturesCommitLSN else {
+            _ = try await connection.query(PostgresQuery(unsafeSQL: statement.sql), logger: logger)
+            return
+        }
+        let wrote = try await connection.query(Self.wroteQuery, logger: logger).collect().first?.decode(Bool.self) ?? false
+        _ = try await connection.query(PostgresQuery(unsafeSQL: statement.sql), logger: logger)
+        guard wrote else { return }
+        // After COMMIT: the commit record is before this position, so a replica that replayed
+        // up to it sees the transaction.
+        do {
+            let text = try await connection.query(Self.positionQuery, logger: logger).collect().first?.decode(String.self)
+            if let text, let position = PostgresLSN(text) {
+                DBContext.current?.advanceConsistencyToken(to: position)
+            }
+        } catch {
+            logger.warning("committed, but could not read the WAL position for read-your-own-writes", metadata: ["error": "\(String(reflecting: error))"])
+        }
+    }
+
+    private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+    private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
+
+    /// Waits until no session holds a connection of this engine, then shuts it down — for a
+    /// host that left the cluster or a demoted primary.
+    public func drainAndShutdown() async {
+        await withCheckedContinuation { continuation in
+            let idle = outstanding.withLock { leases in
+                if leases.isEmpty { return true }
+                idleWaiters.withLock { $0.append(continuation) }
+                return false
+            }
+            if idle { continuation.resume() }
+        }
+        await shutdown()
     }
 
     public func abortsTransaction(_ error: any Error) -> Bool {

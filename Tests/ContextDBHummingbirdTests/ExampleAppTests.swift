@@ -1,5 +1,7 @@
 import ContextDB
 import ContextDBPostgres
+import Foundation
+import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import PostgresNIO
@@ -143,6 +145,78 @@ struct ExampleAppTests {
             #expect(ExampleHarness.leased(database) == 0)
             #expect(try await ExampleHarness.rows(in: "example") == 0)
             #expect(try await ExampleHarness.busyConnections().isEmpty)
+        }
+    }
+
+    @Test func aThousandWriteThenReadsAtConcurrency32AllFindTheirRow() async throws {
+        try await ExampleHarness.withExample { database, app in
+            try await app.test(.live) { client in
+                let port = client.port!
+                let found = try await withThrowingTaskGroup(of: [Bool].self) { group in
+                    for worker in 0..<32 {
+                        group.addTask {
+                            try await TestClient.withClient(host: "127.0.0.1", port: port) { http in
+                                var found: [Bool] = []
+                                for index in stride(from: worker, to: 1_000, by: 32) {
+                                    let response = try await http.post(
+                                        "/items/write_then_read", body: jsonBody(#"{"text":"row \#(index)"}"#)
+                                    )
+                                    #expect(response.status == .ok)
+                                    found.append(json(response.body)["found"] as? Bool == true)
+                                }
+                                return found
+                            }
+                        }
+                    }
+                    return try await group.reduce(into: []) { $0 += $1 }
+                }
+                #expect(found.count == 1_000)
+                #expect(found.allSatisfy { $0 }, "\(found.filter { !$0 }.count) reads missed their own write")
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 1_000)
+            #expect(ExampleHarness.leased(database) == 0)
+        }
+    }
+
+    @Test func aTokenSentBackRoutesReadsToAReplicaThatHasTheWrite() async throws {
+        try await ExampleHarness.withExample { _, app in
+            try await app.test(.live) { client in
+                let (id, token) = try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"mine"}"#)) {
+                    (json($0.body)["id"] as? Int, $0.headers[HTTPField.Name("X-WAL-LSN")!])
+                }
+                #expect(token != nil, "the response carries the token as a header too")
+                // With the token, the very next read finds the row: no retry.
+                var headers = HTTPFields()
+                headers[HTTPField.Name("X-WAL-LSN")!] = token
+                try await client.execute(uri: "/items/\(id ?? 0)", method: .get, headers: headers) { response in
+                    #expect(response.status == .ok)
+                    #expect(json(response.body)["text"] as? String == "mine")
+                }
+                let cookieHeaders: HTTPFields = [.cookie: "X-WAL-LSN=\(token ?? "")"]
+                try await client.execute(uri: "/items/\(id ?? 0)", method: .get, headers: cookieHeaders) { response in
+                    #expect(response.status == .ok)
+                    #expect(response.headers[.setCookie] == nil, "a read does not move the token")
+                }
+                // A garbage token is ignored, not an error.
+                try await client.execute(uri: "/items/\(id ?? 0)", method: .get, headers: [.cookie: "X-WAL-LSN=drop table"]) { response in
+                    #expect(response.status == .ok || response.status == .notFound)
+                }
+            }
+        }
+    }
+
+    @Test func topologyShowsThePrimaryAndTheReplicas() async throws {
+        try await ExampleHarness.withExample { _, app in
+            try await app.test(.router) { client in
+                try await client.execute(uri: "/topology", method: .get) { response in
+                    #expect(response.status == .ok)
+                    let hosts = (try? JSONSerialization.jsonObject(with: Data(response.body.readableBytesView))) as? [[String: Any]] ?? []
+                    #expect(hosts.count == 1 + ExampleHarness.replicaEndpoints.count)
+                    #expect(hosts.first { $0["role"] as? String == "primary" }?["host"] as? String == ExampleHarness.primaryEndpoint)
+                    #expect(hosts.filter { $0["role"] as? String == "replica" }.count == ExampleHarness.replicaEndpoints.count)
+                    #expect(hosts.allSatisfy { $0["healthy"] as? Bool == true && $0["lag_bytes"] != nil || $0["role"] as? String == "primary" })
+                }
+            }
         }
     }
 

@@ -48,23 +48,21 @@ enum ExampleHarness {
         }
     }
 
-    /// Builds the example on empty tables and runs `body` with its database.
+    /// Builds the example on empty tables and runs `body` with its database and app.
     static func withExample<R>(
         maximumConnections: Int = 20,
-        extraRoutes: (Router<BasicRequestContext>, ExampleDatabase) -> Void = { _, _ in },
+        extraRoutes: @escaping (Router<BasicRequestContext>, ExampleDatabase) -> Void = { _, _ in },
         _ body: (ExampleDatabase, any ApplicationProtocol) async throws -> R
     ) async throws -> R {
         let database = try ExampleDatabase(
             url: databaseURL, maximumConnections: maximumConnections, logger: Logger(label: "test")
         )
-        try await database.createTables()
+        let app = try await buildApplication(database: database, port: 0) { router in
+            extraRoutes(router, database)
+        }
         try await withAdmin { admin in
             try await admin.withTransaction { try await $0.execute("TRUNCATE example, items RESTART IDENTITY") }
         }
-        let router = buildRouter(database: database)
-        extraRoutes(router, database)
-        var app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 0)))
-        app.addServices(DatabaseService(database: database))
         return try await body(database, app)
     }
 

@@ -157,6 +157,71 @@ import TestSupport
         try await withDBContext { try await connect.session().execute("INSERT") }
         #expect(database.committedRows == 1)
     }
+
+    @Test func aFailingFirstLeaseFallsBackToTheNextHostAndReportsIt() async throws {
+        let database = FakeDatabase()
+        database.setReachable("down", false)
+        let failed = Box<[String]>([])
+        let connect = DBConnect.fake(host: nil, database: database, beforeCreateSession: { connect in
+            try connect.changeHost("down", fallbacks: ["db2", "db3"]) { host, error in
+                #expect(error.code == .engineCreationFailed)
+                failed.value.append(host)
+            }
+        })
+        let host = try await withDBContext {
+            let session = try await connect.session()
+            #expect(session.host == "down")  // chosen, not yet tried
+            try await session.execute("INSERT")
+            return session.host
+        }
+        #expect(host == "db2")
+        #expect(failed.value == ["down"])
+        #expect(database.committedRows == 1)
+    }
+
+    @Test func whenEveryHostFailsTheErrorListsThemAll() async throws {
+        let database = FakeDatabase()
+        database.setReachable("a", false)
+        database.setReachable("b", false)
+        let connect = DBConnect.fake(label: "replica", host: nil, database: database, beforeCreateSession: { connect in
+            try connect.changeHost("a", fallbacks: ["b"])
+        })
+        let error = await expectDBError(.connectionFailed) {
+            try await withDBContext { try await connect.session().execute("SELECT") }
+        }
+        #expect(error?.host == "a,b")
+        #expect(error?.message.contains("tried a (") == true)
+        #expect(error?.message.contains(", b (") == true)
+    }
+
+    @Test func noFailoverOnceTheSessionHadAConnection() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(host: nil, database: database, beforeCreateSession: { connect in
+            try connect.changeHost("db1", fallbacks: ["db2"])
+        })
+        try await withDBContext {
+            let session = try await connect.session()
+            try await session.execute("INSERT")
+            database.failNext("ROLLBACK")
+            await #expect(throws: FakeError.self) { try await session.rollback() }  // connection dropped
+            #expect(!session.hasConnection)
+            database.setReachable("db1", false)
+            await expectDBError(.connectionFailed) { try await session.execute("INSERT") }
+            #expect(session.host == "db1")
+        }
+        #expect(database.enginesCreated == ["db1"])
+    }
+
+    @Test func removeEngineHandsTheEngineOverAndALaterSessionMakesANewOne() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        let removed = connect.removeEngine(for: "db1")
+        #expect(removed?.host == "db1")
+        #expect(connect.engines.isEmpty)
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        #expect(database.enginesCreated == ["db1", "db1"])
+    }
 }
 
 enum Wanted {

@@ -188,6 +188,20 @@ import TestSupport
         }
     }
 
+    @Test func theConsistencyTokenUpdatesAtomically() async throws {
+        let context = DBContext()
+        await withTaskGroup(of: Void.self) { group in
+            for value in 1...200 {
+                group.addTask {
+                    context.updateConsistencyToken { current in
+                        String(max(Int(current ?? "0")!, value))
+                    }
+                }
+            }
+        }
+        #expect(context.consistencyToken == "200")
+    }
+
     @Test func aRequestWhoseCommitFailsIsNotReportedAsDone() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(database: database)

@@ -111,7 +111,8 @@ struct FakeEngine: DatabaseEngine {
     let database: FakeDatabase
 
     func leaseConnection() async throws -> Connection {
-        database.state.withLock { state in
+        try database.state.withLock { state in
+            if state.unreachableHosts.contains(host) { throw FakeError.unreachable(host) }
             let connection = Connection(id: state.nextConnection, host: host, database: database)
             state.nextConnection += 1
             state.leased.insert(connection.id)

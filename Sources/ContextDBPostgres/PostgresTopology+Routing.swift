@@ -1,0 +1,144 @@
+import ContextDB
+import Logging
+import Synchronization
+
+/// How a replica hook orders the fit replicas.
+public enum DBReplicaPolicy: Sendable, Hashable {
+    /// Each new session takes the next replica in turn. The default.
+    case roundRobin
+    /// A random replica per session.
+    case random
+    /// The replica with the fewest WAL bytes to replay.
+    case leastLag
+}
+
+extension PostgresTopology {
+    /// A `beforeCreateSession` hook that binds sessions to the current primary.
+    ///
+    /// It follows promotion: after a failover the new primary is used as soon as a probe has
+    /// seen it (within ``Configuration/probeInterval`` plus one probe), without a restart, and
+    /// the engines of hosts that stopped being the primary are drained — closed once their
+    /// sessions have given their connections back.
+    /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
+    public func primaryHook() -> DBConnect<PostgresEngine>.BeforeCreateSession {
+        { [self] connect in
+            let snapshot = self.snapshot
+            guard let primary = snapshot.primary else {
+                throw DBError(
+                    .noHostAvailable,
+                    "no healthy primary among \(describe(snapshot)); is the topology service running, and is a primary up?",
+                    connect: connect.label
+                )
+            }
+            let host = primary.endpoint.description
+            for former in connect.engineHosts where former != host {
+                if let engine = connect.removeEngine(for: former) {
+                    logger.info("draining the engine of a former primary", metadata: ["db.host": "\(former)", "db.primary": "\(host)"])
+                    Task.detached { await engine.drainAndShutdown() }
+                }
+            }
+            try connect.changeHost(host, fallbacks: [], onLeaseFailure: markSuspect)
+            logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
+        }
+    }
+
+    /// A `beforeCreateSession` hook that binds sessions to a replica.
+    ///
+    /// A replica is fit when it is healthy, lags at most `maximumLagBytes`, and — when the
+    /// request carries a read-your-own-writes position (``ContextDB/DBContext/consistencyToken``)
+    /// — has replayed up to it. When no replica is fit for that position, the hook re-probes the
+    /// replicas for up to `readYourWritesWait`; then it uses the primary. The fit replicas,
+    /// ordered by `policy`, then the primary (with `fallbackToPrimary`) are the session's
+    /// failover candidates: a replica that refuses the lease is marked suspect and the next one
+    /// tried. Give the replica connect `DBSessionOptions(readOnly: true)`, so a session that
+    /// falls back to the primary still cannot write.
+    /// - Parameters:
+    ///   - policy: How to spread sessions over fit replicas. Default round robin.
+    ///   - maximumLagBytes: The most WAL bytes a replica may lag; `nil` (the default) for no limit.
+    ///   - fallbackToPrimary: Use the primary when no replica is fit. Default `true`.
+    ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
+    ///     Default 500 ms.
+    /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
+    public func replicaHook(
+        policy: DBReplicaPolicy = .roundRobin,
+        maximumLagBytes: UInt64? = nil,
+        fallbackToPrimary: Bool = true,
+        readYourWritesWait: Duration = .milliseconds(500)
+    ) -> DBConnect<PostgresEngine>.BeforeCreateSession {
+        { [self] connect in
+            let position = DBContext.current?.walPosition
+            var snapshot = self.snapshot
+            var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, position: position)
+            let clock = ContinuousClock()
+            let started = clock.now
+            if fit.isEmpty, position != nil, readYourWritesWait > .zero, !snapshot.replicas.isEmpty {
+                var pause = Duration.milliseconds(2)
+                while fit.isEmpty, clock.now - started < readYourWritesWait {
+                    await refresh(snapshot.replicas.map(\.endpoint))
+                    snapshot = self.snapshot
+                    fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, position: position)
+                    if fit.isEmpty {
+                        try await Task.sleep(for: min(pause, readYourWritesWait - (clock.now - started)))
+                        pause = min(pause * 2, .milliseconds(50))
+                    }
+                }
+            }
+            let waited = clock.now - started
+            var hosts = order(fit, by: policy).map(\.endpoint.description)
+            var reason = position.map { "replica at or past \($0)" } ?? "replica"
+            if hosts.isEmpty { reason = "no fit replica, primary" }
+            if fallbackToPrimary, let primary = snapshot.primary?.endpoint.description, !hosts.contains(primary) {
+                hosts.append(primary)
+            }
+            guard let host = hosts.first else {
+                throw DBError(
+                    .noHostAvailable,
+                    "no replica is fit (\(describe(snapshot))) and fallbackToPrimary is off",
+                    connect: connect.label
+                )
+            }
+            try connect.changeHost(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: markSuspect)
+            logger.debug(
+                "routing decision",
+                metadata: [
+                    "db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "\(reason)",
+                    "waited": "\(waited)", "db.fallbacks": "\(hosts.dropFirst().joined(separator: ","))",
+                ]
+            )
+        }
+    }
+
+    /// The replicas a read may use: healthy, within the lag limit, at or past `position`.
+    func fitReplicas(_ snapshot: Snapshot, maximumLagBytes: UInt64?, position: PostgresLSN?) -> [HostStatus] {
+        snapshot.replicas.filter { replica in
+            if let maximumLagBytes {
+                guard let lag = replica.lagBytes, lag <= maximumLagBytes else { return false }
+            }
+            if let position {
+                guard let replayed = replica.position, replayed >= position else { return false }
+            }
+            return true
+        }
+    }
+
+    func order(_ replicas: [HostStatus], by policy: DBReplicaPolicy) -> [HostStatus] {
+        guard replicas.count > 1 else { return replicas }
+        switch policy {
+        case .roundRobin:
+            let start = (turn.add(1, ordering: .relaxed).oldValue & Int.max) % replicas.count
+            return Array(replicas[start...] + replicas[..<start])
+        case .random:
+            return replicas.shuffled()
+        case .leastLag:
+            return replicas.sorted { ($0.lagBytes ?? .max) < ($1.lagBytes ?? .max) }
+        }
+    }
+
+    private func markSuspect(_ host: String, _ error: DBError) {
+        markSuspect(host, reason: error.message)
+    }
+
+    private func describe(_ snapshot: Snapshot) -> String {
+        snapshot.hosts.map { "\($0.endpoint) \($0.role.rawValue)\($0.isHealthy ? "" : " down")" }.joined(separator: ", ")
+    }
+}

@@ -1,0 +1,276 @@
+import ContextDB
+import Logging
+import PostgresNIO
+import ServiceLifecycle
+import Synchronization
+
+/// Knows the cluster: probes every host in the background and keeps a snapshot of who is the
+/// primary, who is a replica, who is healthy and how far each replica lags.
+///
+/// Run it as a long-running service (it is a ServiceLifecycle `Service`; add it to your
+/// application's services, or call ``run()`` in a task of your own). Routing reads the
+/// snapshot, so choosing a host never adds a query to a request. The ready-made hooks
+/// ``primaryHook()`` and ``replicaHook(policy:maximumLagBytes:fallbackToPrimary:readYourWritesWait:)``
+/// plug it into `DBConnect`'s `beforeCreateSession`.
+///
+/// A host is marked down after ``Configuration/failuresBeforeDown`` probes in a row fail, or at
+/// once when a session could not lease a connection from it (it is then "suspect"); one good
+/// probe brings it back.
+public final class PostgresTopology: Service, Sendable {
+    /// How and how often the hosts are probed.
+    public struct Configuration: Sendable {
+        /// The time between two probe rounds. Default 500 ms.
+        public var probeInterval: Duration = .milliseconds(500)
+        /// The longest one probe (connect + query) may take before it counts as failed. Default 2 s.
+        public var probeTimeout: Duration = .seconds(2)
+        /// Failed probes in a row before a host is marked down. Default 3.
+        public var failuresBeforeDown: Int = 3
+
+        /// Creates the default configuration.
+        public init() {}
+    }
+
+    /// What a host is, as of its last probe.
+    public enum Role: String, Sendable, Hashable {
+        /// Accepts writes (`pg_is_in_recovery()` is false).
+        case primary
+        /// A hot standby replaying the primary's WAL.
+        case replica
+        /// Never answered a probe yet.
+        case unknown
+    }
+
+    /// One host's state in the snapshot.
+    public struct HostStatus: Sendable, Hashable {
+        /// The server.
+        public var endpoint: PostgresEndpoint
+        /// Its role at the last good probe.
+        public var role: Role
+        /// Whether routing may use it: answered its last probe, or failed fewer than
+        /// ``Configuration/failuresBeforeDown`` in a row and no lease failed since.
+        public var isHealthy: Bool
+        /// For the primary, its current WAL position; for a replica, its replay position.
+        public var position: PostgresLSN?
+        /// For a replica, how many WAL bytes it is behind the primary (0 when caught up).
+        public var lagBytes: UInt64?
+        /// For a replica, seconds since the last transaction it replayed was committed on the
+        /// primary (0 when caught up); `nil` when unknown.
+        public var lagSeconds: Double?
+        /// Failed probes in a row.
+        public var consecutiveFailures: Int
+        /// Why the last probe or lease failed, without secrets.
+        public var lastError: String?
+    }
+
+    /// The state of every host at one moment.
+    public struct Snapshot: Sendable {
+        /// Every configured host, in configuration order.
+        public var hosts: [HostStatus]
+
+        /// The healthy primary; with two (during a failover), the one with the fewest recent
+        /// failures, then the furthest WAL position.
+        public var primary: HostStatus? {
+            hosts.filter { $0.role == .primary && $0.isHealthy }
+                .min { ($0.consecutiveFailures, -Int64(bitPattern: $0.position?.value ?? 0)) < ($1.consecutiveFailures, -Int64(bitPattern: $1.position?.value ?? 0)) }
+        }
+
+        /// The healthy replicas.
+        public var replicas: [HostStatus] {
+            hosts.filter { $0.role == .replica && $0.isHealthy }
+        }
+    }
+
+    /// The probe settings.
+    public let configuration: Configuration
+    /// Where probes and routing decisions are logged (decisions at debug level).
+    public let logger: Logger
+
+    private let url: PostgresURL
+    private let state: Mutex<Snapshot>
+    private let probeConnections = Mutex<[PostgresEndpoint: PostgresConnection]>([:])
+    let turn = Atomic<Int>(0)
+
+    /// Creates a topology for the hosts of a URI. Probes nothing until ``run()`` or ``refresh()``.
+    /// - Parameters:
+    ///   - url: The cluster's URI (all hosts; the credentials are used for the probes).
+    ///   - configuration: Probe interval, timeout and hysteresis.
+    ///   - logger: Where to log.
+    /// - Throws: ``DBError`` for a malformed URI.
+    public convenience init(
+        url: String,
+        configuration: Configuration = Configuration(),
+        logger: Logger = Logger(label: "ContextDB.Topology")
+    ) throws {
+        self.init(url: try PostgresURL(url), configuration: configuration, logger: logger)
+    }
+
+    /// Creates a topology for the hosts of a parsed URI.
+    public init(
+        url: PostgresURL,
+        configuration: Configuration = Configuration(),
+        logger: Logger = Logger(label: "ContextDB.Topology")
+    ) {
+        self.url = url
+        self.configuration = configuration
+        self.logger = logger
+        self.state = Mutex(Snapshot(hosts: url.endpoints.map {
+            HostStatus(endpoint: $0, role: .unknown, isHealthy: false, consecutiveFailures: 0)
+        }))
+    }
+
+    /// The state of every host as of the last probe round. No I/O: a lock and a copy.
+    public var snapshot: Snapshot { state.withLock { $0 } }
+
+    /// Probes every host now, concurrently, and updates the snapshot.
+    public func refresh() async {
+        let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
+        await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
+            for endpoint in endpoints {
+                group.addTask { (endpoint, await self.probe(endpoint)) }
+            }
+            var results: [PostgresEndpoint: Result<Probe, any Error>] = [:]
+            for await (endpoint, result) in group { results[endpoint] = result }
+            apply(results)
+        }
+    }
+
+    /// Probes `endpoints` now and updates their entries (for a bounded read-your-own-writes wait).
+    func refresh(_ endpoints: [PostgresEndpoint]) async {
+        var results: [PostgresEndpoint: Result<Probe, any Error>] = [:]
+        for endpoint in endpoints { results[endpoint] = await probe(endpoint) }
+        apply(results)
+    }
+
+    /// Probes every ``Configuration/probeInterval`` until the task is cancelled or a graceful
+    /// shutdown begins; then closes its probe connections.
+    public func run() async throws {
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                await self.refresh()
+                try? await Task.sleep(for: self.configuration.probeInterval)
+            }
+        }
+        let connections = probeConnections.withLock { connections in
+            defer { connections.removeAll() }
+            return Array(connections.values)
+        }
+        for connection in connections { try? await connection.close() }
+    }
+
+    /// Marks a host down at once — a session could not lease from it. The next good probe
+    /// brings it back.
+    /// - Parameters:
+    ///   - host: The host, as `"host:port"`.
+    ///   - reason: Why, for ``HostStatus/lastError``.
+    public func markSuspect(_ host: String, reason: String) {
+        state.withLock { snapshot in
+            guard let index = snapshot.hosts.firstIndex(where: { $0.endpoint.description == host }) else { return }
+            snapshot.hosts[index].isHealthy = false
+            snapshot.hosts[index].consecutiveFailures = max(snapshot.hosts[index].consecutiveFailures, configuration.failuresBeforeDown)
+            snapshot.hosts[index].lastError = reason
+        }
+        logger.info("host marked suspect after a failed lease", metadata: ["db.host": "\(host)", "reason": "\(reason)"])
+    }
+
+    // MARK: - Probing
+
+    struct Probe: Sendable {
+        var isReplica: Bool
+        var position: PostgresLSN?
+        var lagSeconds: Double?
+    }
+
+    private static let probeQuery: PostgresQuery = """
+        SELECT pg_is_in_recovery(),
+               (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+               CASE WHEN pg_is_in_recovery()
+                    THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END
+        """
+
+    private func probe(_ endpoint: PostgresEndpoint) async -> Result<Probe, any Error> {
+        let timeout = configuration.probeTimeout
+        do {
+            return .success(try await withThrowingTaskGroup(of: Probe?.self) { group in
+                group.addTask { try await self.query(endpoint) }
+                group.addTask {
+                    try await Task.sleep(for: timeout)
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let probe = first else {
+                    throw DBError(.connectionFailed, "no answer within \(timeout)", host: endpoint.description)
+                }
+                return probe
+            })
+        } catch {
+            // A failed or hung probe connection is never reused.
+            if let connection = probeConnections.withLock({ $0.removeValue(forKey: endpoint) }) {
+                try? await connection.close()
+            }
+            return .failure(error)
+        }
+    }
+
+    private func query(_ endpoint: PostgresEndpoint) async throws -> Probe {
+        let connection: PostgresConnection
+        if let existing = probeConnections.withLock({ $0[endpoint] }), !existing.isClosed {
+            connection = existing
+        } else {
+            connection = try await PostgresConnection.connect(
+                configuration: try url.connectionConfiguration(for: endpoint), id: 0, logger: logger
+            )
+            if let replaced = probeConnections.withLock({ $0.updateValue(connection, forKey: endpoint) }) {
+                try? await replaced.close()
+            }
+        }
+        let row = try await connection.query(Self.probeQuery, logger: logger).collect().first
+        guard let (isReplica, position, lag) = try row?.decode((Bool, String?, Double?).self) else {
+            throw DBError(.queryFailed, "the probe returned no row", host: endpoint.description)
+        }
+        return Probe(isReplica: isReplica, position: position.flatMap(PostgresLSN.init), lagSeconds: lag)
+    }
+
+    private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>]) {
+        let changes = state.withLock { snapshot -> [String] in
+            var changes: [String] = []
+            for index in snapshot.hosts.indices {
+                let endpoint = snapshot.hosts[index].endpoint
+                guard let result = results[endpoint] else { continue }
+                var host = snapshot.hosts[index]
+                let before = (host.role, host.isHealthy)
+                switch result {
+                case .success(let probe):
+                    host.role = probe.isReplica ? .replica : .primary
+                    host.isHealthy = true
+                    host.consecutiveFailures = 0
+                    host.position = probe.position
+                    host.lagSeconds = probe.lagSeconds
+                    host.lastError = nil
+                case .failure(let error):
+                    host.consecutiveFailures += 1
+                    host.isHealthy = host.consecutiveFailures < configuration.failuresBeforeDown && host.role != .unknown
+                    host.lastError = (error as? DBError)?.message ?? PostgresEngine.explain(error)
+                }
+                if before != (host.role, host.isHealthy) {
+                    changes.append("\(endpoint): \(host.role.rawValue), \(host.isHealthy ? "healthy" : "down")")
+                }
+                snapshot.hosts[index] = host
+            }
+            // Lag against the primary's position of this round.
+            let primaryPosition = snapshot.primary?.position
+            for index in snapshot.hosts.indices where snapshot.hosts[index].role == .replica {
+                guard let primaryPosition, let position = snapshot.hosts[index].position else {
+                    snapshot.hosts[index].lagBytes = nil
+                    continue
+                }
+                let lag = primaryPosition.bytes(since: position)
+                snapshot.hosts[index].lagBytes = lag
+                if lag == 0 { snapshot.hosts[index].lagSeconds = 0 }
+            }
+            return changes
+        }
+        for change in changes {
+            logger.info("topology changed", metadata: ["change": "\(change)"])
+        }
+    }
+}

@@ -1,0 +1,238 @@
+import ContextDB
+import ContextDBPostgres
+import Foundation
+import PostgresNIO
+import Synchronization
+import Testing
+import TestSupport
+
+/// Routing against the shared test cluster (a primary and two replicas): nothing here stops
+/// or pauses a server.
+@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
+struct RoutingTests {
+    static var clusterURL: String {
+        let ports = (ProcessInfo.processInfo.environment["POSTGRES_REPLICA_PORTS"] ?? "\(TestCluster.replicaPort)")
+            .split(separator: ",").map(String.init)
+        let hosts = (["\(TestCluster.host):\(TestCluster.port)"] + ports.map { "\(TestCluster.replicaHost):\($0)" })
+        return "postgresql://\(TestCluster.user):\(TestCluster.password)@\(hosts.joined(separator: ","))/\(TestCluster.database)?sslmode=disable"
+    }
+
+    @Test func theTopologySeesOnePrimaryAndItsReplicas() async throws {
+        try await withTopology(url: Self.clusterURL) { topology in
+            let snapshot = topology.snapshot
+            #expect(snapshot.primary?.endpoint.description == "\(TestCluster.host):\(TestCluster.port)")
+            #expect(snapshot.replicas.count >= 2, "the test cluster runs two replicas (scripts/test.sh)")
+            #expect(snapshot.hosts.allSatisfy { $0.isHealthy })
+            #expect(snapshot.replicas.allSatisfy { $0.lagBytes != nil })
+        }
+    }
+
+    @Test(arguments: [DBReplicaPolicy.roundRobin, .random, .leastLag])
+    func readsSpreadOverReplicasAndNeverWrite(policy: DBReplicaPolicy) async throws {
+        try await withTopology(url: Self.clusterURL) { topology in
+            let replica = try DBConnect(
+                label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
+                beforeCreateSession: topology.replicaHook(policy: policy, fallbackToPrimary: false)
+            )
+            var served: [String: Int] = [:]
+            for _ in 0..<40 {
+                let port = try await withDBContext {
+                    try await replica.session().queryValue("SELECT inet_server_port()", as: Int.self)
+                }
+                served["\(port ?? 0)", default: 0] += 1
+            }
+            let replicaPorts = Set(topology.snapshot.replicas.map { "\($0.endpoint.port)" })
+            #expect(Set(served.keys).isSubset(of: replicaPorts), "only replicas serve: \(served)")
+            if policy != .leastLag {
+                #expect(served.count == replicaPorts.count, "\(policy) uses every replica: \(served)")
+            }
+            await expectDBError(.readOnlySession) {
+                try await withDBContext { try await replica.session().execute("CREATE TABLE never_created (id int)") }
+            }
+            await replica.close()
+        }
+    }
+
+    @Test func aCustomHookCanReadTheSnapshot() async throws {
+        try await withTopology(url: Self.clusterURL) { topology in
+            // The user's own handler: the replica with the highest port, say.
+            let connect = try DBConnect(label: "custom", url: Self.clusterURL, beforeCreateSession: { connect in
+                let last = topology.snapshot.replicas.max { $0.endpoint.port < $1.endpoint.port }!
+                try connect.changeHost(last.endpoint.description)
+            })
+            let port = try await withDBContext {
+                try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self)
+            }
+            #expect(port == topology.snapshot.replicas.map(\.endpoint.port).max())
+            await connect.close()
+        }
+    }
+
+    @Test func aWriteIsReadBackFromAReplicaInTheSameRequest() async throws {
+        try await withTopology(url: Self.clusterURL) { topology in
+            let primary = try DBConnect(
+                label: "primary", url: Self.clusterURL, readYourWrites: true, beforeCreateSession: topology.primaryHook()
+            )
+            let replica = try DBConnect(
+                label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
+                beforeCreateSession: topology.replicaHook()
+            )
+            let table = "ryow_\(UInt32.random(in: 0...UInt32.max))"
+            try await primary.withTransaction { try await $0.execute("CREATE TABLE \(unescaped: table) (id int)") }
+            for id in 0..<100 {
+                let found = try await withDBContext {
+                    try await primary.session().execute("INSERT INTO \(unescaped: table) VALUES (\(id))")
+                    try await primary.commit()
+                    #expect(DBContext.current?.walPosition != nil)
+                    return try await replica.session().queryValue(
+                        "SELECT count(*)::int FROM \(unescaped: table) WHERE id = \(id)", as: Int.self
+                    )
+                }
+                #expect(found == 1, "row \(id) read back")
+            }
+            try await primary.withTransaction { try await $0.execute("DROP TABLE \(unescaped: table)") }
+            await primary.close()
+            await replica.close()
+        }
+    }
+}
+
+/// Routing while servers stop, get promoted or pause replay — each test on a cluster of its own.
+@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
+struct FailoverTests {
+    @Test func aStoppedReplicaCostsNoRequestAndIsUsedAgainWhenBack() async throws {
+        try await ScratchCluster.with(primaryPort: 57432, replicas: 2) { cluster in
+            try await withTopology(url: cluster.url) { topology in
+                let replica = try DBConnect(
+                    label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                    beforeCreateSession: topology.replicaHook()
+                )
+                func read() async throws -> Int {
+                    try await withDBContext {
+                        try await replica.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
+                    }
+                }
+                for _ in 0..<10 { _ = try await read() }  // both replicas have pooled connections now
+                try await cluster.run("stop-replica", "1")
+                var failures = 0
+                var served = Set<Int>()
+                for _ in 0..<200 {
+                    do { served.insert(try await read()) } catch { failures += 1 }
+                }
+                #expect(failures == 0, "reads while a replica is down")
+                #expect(!served.isEmpty)
+                try await eventually("the stopped replica is marked down") {
+                    topology.snapshot.hosts.first { $0.endpoint.port == cluster.replicaPorts[0] }?.isHealthy == false
+                }
+                #expect(try await read() != cluster.replicaPorts[0])
+
+                try await cluster.run("start-replica", "1")
+                try await eventually("the replica is healthy again") {
+                    topology.snapshot.replicas.contains { $0.endpoint.port == cluster.replicaPorts[0] }
+                }
+                var servedAgain = Set<Int>()
+                for _ in 0..<20 { servedAgain.insert(try await read()) }
+                #expect(servedAgain.contains(cluster.replicaPorts[0]), "the replica serves again: \(servedAgain)")
+                await replica.close()
+            }
+        }
+    }
+
+    @Test func writesFollowAPromotionWithoutARestart() async throws {
+        try await ScratchCluster.with(primaryPort: 57442, replicas: 1) { cluster in
+            try await withTopology(url: cluster.url) { topology in
+                let primary = try DBConnect(
+                    label: "primary", url: cluster.url, beforeCreateSession: topology.primaryHook()
+                )
+                try await withDBContext {
+                    try await primary.session().execute("CREATE TABLE promoted (at int)")
+                }
+                #expect(primary.engineHosts == [cluster.endpoint(cluster.primaryPort)])
+
+                try await cluster.run("promote", "1")
+                try await cluster.run("stop-primary")
+                let started = ContinuousClock.now
+                var writtenOn: Int?
+                while writtenOn == nil, ContinuousClock.now - started < .seconds(30) {
+                    writtenOn = try? await withDBContext {
+                        let session = try await primary.session()
+                        try await session.execute("INSERT INTO promoted VALUES (1)")
+                        return try await session.queryValue("SELECT inet_server_port()", as: Int.self)
+                    }
+                    if writtenOn == nil { try await Task.sleep(for: .milliseconds(50)) }
+                }
+                let took = ContinuousClock.now - started
+                #expect(writtenOn == cluster.replicaPorts[0], "writes reach the promoted server")
+                // Documented bound: a probe interval plus a probe timeout, plus slack for CI.
+                #expect(took < .seconds(5), "failover took \(took)")
+                try await eventually("the former primary's engine is drained") {
+                    !primary.engineHosts.contains(cluster.endpoint(cluster.primaryPort))
+                }
+                await primary.close()
+            }
+        }
+    }
+
+    @Test func aLaggingReplicaNeverServesStaleDataToATokenAndOnlyWithinMaxLagWithout() async throws {
+        try await ScratchCluster.with(primaryPort: 57452, replicas: 1) { cluster in
+            try await withTopology(url: cluster.url) { topology in
+                let primary = try DBConnect(
+                    label: "primary", url: cluster.url, readYourWrites: true, beforeCreateSession: topology.primaryHook()
+                )
+                func replicaConnect(maximumLagBytes: UInt64?) throws -> DBConnect<PostgresEngine> {
+                    try DBConnect(
+                        label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                        beforeCreateSession: topology.replicaHook(
+                            maximumLagBytes: maximumLagBytes, readYourWritesWait: .milliseconds(300)
+                        )
+                    )
+                }
+                let limited = try replicaConnect(maximumLagBytes: 1024)
+                let unlimited = try replicaConnect(maximumLagBytes: nil)
+                try await withDBContext { try await primary.session().execute("CREATE TABLE lagging (id int)") }
+                try await eventually("the replica has the table") {
+                    topology.snapshot.replicas.first?.lagBytes == 0
+                }
+
+                try await cluster.run("pause-replay", "1")
+                let token = try await withDBContext {
+                    try await primary.session().execute("INSERT INTO lagging SELECT generate_series(1, 1000)")
+                    try await primary.commit()
+                    return DBContext.current!.consistencyToken!
+                }
+                try await eventually("the topology sees the lag") {
+                    (topology.snapshot.replicas.first?.lagBytes ?? 0) > 1024
+                }
+
+                // A read carrying the token: the replica cannot catch up, so after the wait the
+                // primary serves it — never stale.
+                let withToken = try await withDBRequest(consistencyToken: token, statusCode: { _ in 200 }) {
+                    let session = try await unlimited.session()
+                    return (session.host, try await session.queryValue("SELECT count(*)::int FROM lagging", as: Int.self))
+                }
+                #expect(withToken.0 == cluster.endpoint(cluster.primaryPort))
+                #expect(withToken.1 == 1000)
+
+                // Without a token: the lagging replica only within the max lag.
+                let limitedHost = try await withDBContext { try await limited.session().host }
+                #expect(limitedHost == cluster.endpoint(cluster.primaryPort), "over the limit: primary")
+                let stale = try await withDBContext {
+                    let session = try await unlimited.session()
+                    return (session.host, try await session.queryValue("SELECT count(*)::int FROM lagging", as: Int.self))
+                }
+                #expect(stale.0 == cluster.endpoint(cluster.replicaPorts[0]), "no limit: the replica")
+                #expect(stale.1 == 0, "which is behind, as allowed without a token")
+
+                // Once replay resumes, the token's reads go back to the replica.
+                try await cluster.run("resume-replay", "1")
+                let resumed = try await withDBRequest(consistencyToken: token, statusCode: { _ in 200 }) {
+                    let session = try await unlimited.session()
+                    return (session.host, try await session.queryValue("SELECT count(*)::int FROM lagging", as: Int.self))
+                }
+                #expect(resumed.0 == cluster.endpoint(cluster.replicaPorts[0]))
+                #expect(resumed.1 == 1000)
+                for connect in [primary, limited, unlimited] { await connect.close() }
+            }
+        }
+    }
+}
