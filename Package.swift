@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "ContextDB", targets: ["ContextDB"]),
         .library(name: "ContextDBPostgres", targets: ["ContextDBPostgres"]),
         .library(name: "ContextDBHummingbird", targets: ["ContextDBHummingbird"]),
+        .library(name: "ContextDBTesting", targets: ["ContextDBTesting"]),
         .executable(name: "ContextDBExample", targets: ["ContextDBExample"]),
     ],
     dependencies: [
@@ -48,6 +49,11 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ContextDBTesting",
+            dependencies: ["ContextDB"],
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "ContextDBExample",
             dependencies: [
@@ -67,7 +73,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ContextDBTests",
-            dependencies: ["ContextDB", "TestSupport"],
+            dependencies: ["ContextDB", "ContextDBTesting", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -81,6 +87,7 @@ let package = Package(
                 "ContextDBExample",
                 "ContextDBHummingbird",
                 "ContextDBPostgres",
+                "ContextDBTesting",
                 "TestSupport",
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),

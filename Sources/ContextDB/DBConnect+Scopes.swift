@@ -83,7 +83,13 @@ extension DBConnect {
         isolation: isolated (any Actor)? = #isolation,
         _ body: (DBSession<Engine>) async throws -> R
     ) async throws -> R {
-        let session = try await makeSession()
+        // In a transactional test even work outside the context stays in the test's savepoints.
+        let session: DBSession<Engine>
+        if let pinned = DBContext.current?.pinnedSession(for: self) {
+            session = pinned
+        } else {
+            session = try await makeSession()
+        }
         do {
             let result = try await body(session)
             await session.close()

@@ -22,15 +22,29 @@ public final class DBContext: Sendable {
         var finished = false
         var values: [ObjectIdentifier: any Sendable] = [:]
         var consistencyToken: String?
+        /// Sessions pinned by `DBSession.withSavepointSessions`, inherited by nested contexts.
+        var pinned: [ObjectIdentifier: any AnyDBSession] = [:]
     }
 
-    let state = Mutex(State())
+    let state: Mutex<State>
 
     /// Creates an empty context. Nothing is connected until a session runs a statement.
     ///
     /// Install it with ``run(isolation:_:)``; end it with ``finish(statusCode:beforeCommit:)``
     /// or ``commitAll(beforeCommit:)`` / ``rollbackAll()``, then ``end()``.
-    public init() {}
+    public init() {
+        state = Mutex(State(pinned: DBContext.current?.state.withLock { $0.pinned } ?? [:]))
+    }
+
+    func pinnedSession<Engine>(for connect: DBConnect<Engine>) -> DBSession<Engine>? {
+        state.withLock { $0.pinned[ObjectIdentifier(connect)] as? DBSession<Engine> }
+    }
+
+    var hasPinnedSessions: Bool { state.withLock { !$0.pinned.isEmpty } }
+
+    func pin<Engine>(_ session: DBSession<Engine>, for connect: DBConnect<Engine>) {
+        state.withLock { $0.pinned[ObjectIdentifier(connect)] = session }
+    }
 
     /// Runs `body` with this context as ``current``.
     /// - Parameter body: The work; every session it asks for lives in this context.
@@ -90,6 +104,11 @@ public final class DBContext: Sendable {
             for entry in state.entries where entry.key == key {
                 let session = entry.session as! DBSession<Engine>
                 return session.isClosed ? nil : session
+            }
+            if !state.pinned.isEmpty, let pinned = state.pinned[key] as? DBSession<Engine> {
+                // Recorded here too, so this context's commit, rollback and close reach it.
+                state.entries.append(Entry(key: key, session: pinned))
+                return pinned
             }
             return nil
         }
@@ -235,7 +254,9 @@ public func withDBContext<R>(
 /// Framework integrations (`DBSessionMiddleware`) are built on it; use it to write your own.
 /// - Parameters:
 ///   - ifActive: What to do when a context is already active. Default ``DBContextNesting/join``:
-///     run in it and leave the ending to its owner (a test that installed one, say).
+///     run in it and leave the ending to its owner (a test that installed one, say) — except in
+///     a transactional test (`ContextDBTesting`), where the request gets a nested context so its
+///     end is played out as savepoints.
 ///   - consistencyToken: The read-your-own-writes position the client sent back, if any
 ///     (``DBContext/consistencyToken``).
 ///   - beforeCommit: Runs before each commit with the session about to commit.
@@ -254,9 +275,12 @@ public func withDBRequest<R>(
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
-    if DBContext.current != nil {
+    if let active = DBContext.current {
         switch ifActive {
         case .newContext: break
+        // A transactional test pins savepoint sessions: nest, so the request's end is played
+        // out as savepoints exactly as it would be in production.
+        case .join where active.hasPinnedSessions: break
         case .join: return try await body()
         case .fail:
             throw DBError(

@@ -38,6 +38,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     let candidates: [String]
     /// Told about each host whose lease failed, so routing can mark it suspect.
     let onLeaseFailure: (@Sendable (String, DBError) -> Void)?
+    /// Set for a savepoint session: it runs on this borrowed connection, and its transactions
+    /// are savepoints inside the connection's own transaction.
+    let shared: DBSharedConnection<Engine>?
 
     struct State: Sendable {
         var host: String
@@ -52,6 +55,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         var closed = false
         /// `close()` ran while a statement was running: the running operation releases.
         var releaseWhenIdle = false
+        /// The savepoint that stands for the open transaction of a savepoint session.
+        var savepoint: String?
     }
 
     let state: Mutex<State>
@@ -61,7 +66,21 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         self.connect = connect
         self.candidates = candidates
         self.onLeaseFailure = onLeaseFailure
+        self.shared = nil
         self.state = Mutex(State(host: candidates[0]))
+    }
+
+    /// A savepoint session on `shared`'s connection (see ``withSavepointSessions(for:isolation:_:)``).
+    init(connect: DBConnect<Engine>, shared: DBSharedConnection<Engine>) {
+        self.connect = connect
+        self.candidates = [shared.host]
+        self.onLeaseFailure = nil
+        self.shared = shared
+        var state = State(host: shared.host)
+        state.engine = shared.engine
+        state.connection = shared.connection
+        state.everLeased = true
+        self.state = Mutex(state)
     }
 
     /// The host this session is bound to (see ``AnyDBSession/host``).
@@ -87,7 +106,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         isolation: isolated (any Actor)? = #isolation,
         _ body: (Engine.Connection) async throws -> R
     ) async throws -> R {
-        try enter()
+        try await enter()
         do {
             let (engine, connection) = try await prepare()
             let result = try await body(connection)
@@ -116,9 +135,19 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Sends `BEGIN`; on failure the connection, in an unknown state, is closed rather than pooled.
     private func begin(_ engine: Engine, _ connection: Engine.Connection) async throws {
         do {
+            if let shared {
+                let name = shared.nextSavepoint()
+                try await engine.execute(.savepoint(name), on: connection)
+                state.withLock {
+                    $0.inTransaction = true
+                    $0.savepoint = name
+                }
+                return
+            }
             try await engine.execute(.begin(connect.options), on: connection)
             state.withLock { $0.inTransaction = true }
         } catch {
+            if shared != nil { throw error }  // the borrowed connection is not ours to close
             state.withLock {
                 $0.connection = nil
                 $0.engine = nil
@@ -181,7 +210,15 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         )
     }
 
-    private func enter() throws {
+    private func enter() async throws {
+        if let shared {
+            // Savepoint sessions share one connection: wait for it instead of failing, so
+            // concurrent requests in a test are serialized, never interleaved.
+            if isClosed { try state.withLock { try Self.closedError(connect.label, $0.host) } }
+            await shared.lock()
+            state.withLock { $0.busy = true }
+            return
+        }
         try state.withLock { state in
             if state.closed {
                 throw DBError(
@@ -201,7 +238,16 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         }
     }
 
+    private static func closedError(_ label: String, _ host: String) throws {
+        throw DBError(.sessionClosed, "this session was closed; ask the connect for a new one with session()", connect: label, host: host)
+    }
+
     private func leave(_ engine: Engine?) async {
+        if let shared {
+            state.withLock { $0.busy = false }
+            shared.unlock()
+            return
+        }
         let release = state.withLock { state -> Engine.Connection? in
             state.busy = false
             guard state.releaseWhenIdle else { return nil }
@@ -218,7 +264,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Commits the open transaction, if any, and keeps the connection for the next one.
     /// - Throws: ``DBError/Code/commitFailed`` when `COMMIT` fails; nothing of the transaction is committed then.
     public func commit() async throws {
-        try enter()
+        try await enter()
         guard let (engine, connection) = openTransaction() else { return await leave(nil) }
         if state.withLock({ $0.transactionFailed }) {
             await discardTransaction(engine, connection)
@@ -230,7 +276,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             )
         }
         do {
-            try await engine.execute(.commit, on: connection)
+            try await engine.execute(commitStatement, on: connection)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
             await leave(engine)
         } catch {
@@ -249,10 +295,10 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ///
     /// If `ROLLBACK` itself fails the connection is closed instead of pooled, then the error is thrown.
     public func rollback() async throws {
-        try enter()
+        try await enter()
         guard let (engine, connection) = openTransaction() else { return await leave(nil) }
         do {
-            try await engine.execute(.rollback, on: connection)
+            try await runRollback(engine, connection)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
             await leave(engine)
         } catch {
@@ -267,6 +313,16 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// The session refuses statements afterwards. When another task is running a statement on it,
     /// the connection is given back as soon as that statement ends.
     public func close() async {
+        if let shared {
+            // A savepoint session is shared by the whole test: closing rolls back to its
+            // savepoint and leaves it usable; the borrowed connection stays with its owner.
+            await shared.lock()
+            if let (engine, connection) = openTransaction() {
+                do { try await runRollback(engine, connection) } catch { state.withLock { $0.inTransaction = false; $0.transactionFailed = false } }
+            }
+            shared.unlock()
+            return
+        }
         let action = state.withLock { state -> (Engine, Engine.Connection)? in
             state.closed = true
             if state.busy {
@@ -310,14 +366,33 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Rolls the server transaction back after a failure; drops the connection if that fails too.
     private func discardTransaction(_ engine: Engine, _ connection: Engine.Connection) async {
         do {
-            try await engine.execute(.rollback, on: connection)
+            try await runRollback(engine, connection)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
         } catch {
             await dropConnection(engine, connection)
         }
     }
 
+    /// `COMMIT`, or for a savepoint session `RELEASE SAVEPOINT`.
+    private var commitStatement: DBControlStatement {
+        guard shared != nil, let name = state.withLock({ $0.savepoint }) else { return .commit }
+        return .releaseSavepoint(name)
+    }
+
+    /// `ROLLBACK`, or for a savepoint session `ROLLBACK TO SAVEPOINT` then `RELEASE SAVEPOINT`.
+    private func runRollback(_ engine: Engine, _ connection: Engine.Connection) async throws {
+        guard shared != nil, let name = state.withLock({ $0.savepoint }) else {
+            return try await engine.execute(.rollback, on: connection)
+        }
+        try await engine.execute(.rollbackToSavepoint(name), on: connection)
+        try await engine.execute(.releaseSavepoint(name), on: connection)
+    }
+
     private func dropConnection(_ engine: Engine, _ connection: Engine.Connection) async {
+        if shared != nil {
+            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            return
+        }
         state.withLock {
             $0.connection = nil
             $0.engine = nil

@@ -12,7 +12,8 @@ import TestSupport
 
 /// The example app over HTTP against the real primary and replicas. Serialized: the routes
 /// share the example's tables.
-@Suite(.serialized, .enabled(if: ExampleHarness.isAvailable), .timeLimit(.minutes(5)))
+extension ExampleTests {
+@Suite(.timeLimit(.minutes(5)))
 struct ExampleAppTests {
     @Test(arguments: [TestingSetup.router, .live])
     func theNineRoutesMatchTheOriginal(setup: TestingSetup) async throws {
@@ -275,4 +276,5 @@ struct ExampleAppTests {
             #expect(try await ExampleHarness.busyConnections().isEmpty)
         }
     }
+}
 }

@@ -9,6 +9,10 @@ import Testing
 
 @testable import ContextDBExample
 
+/// The example's HTTP-level suites share its tables, so they run one test at a time.
+@Suite(.serialized, .enabled(if: ExampleHarness.isAvailable))
+enum ExampleTests {}
+
 /// Builds the example app on the test cluster, with empty tables, and counts what it left.
 enum ExampleHarness {
     static let environment = ProcessInfo.processInfo.environment

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Loads the example app and a hand-written PostgresNIO baseline (Benchmarks/Sources/BaselineServer)
+# side by side with wrk, on the same three workloads, against a local primary + replica:
+#   insert          POST /items                   one INSERT … RETURNING on the primary
+#   read            GET  /items/1                 one SELECT on the replica
+#   write-then-read POST /items/write_then_read   INSERT on the primary, then SELECT on the replica
+# Prints requests/s, p50 and p99 for each, and the example/baseline ratio.
+#
+# Usage: scripts/bench-http.sh        Settings: BENCH_DURATION (10s), BENCH_CONNECTIONS (32),
+#                                     BENCH_THREADS (2), and the scripts/pg-cluster.sh settings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+duration=${BENCH_DURATION:-10s}
+connections=${BENCH_CONNECTIONS:-32}
+threads=${BENCH_THREADS:-2}
+example_port=8180
+baseline_port=8181
+
+export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-58432}
+export PG_REPLICA_PORT=${PG_REPLICA_PORT:-58433}
+export PG_REPLICAS=1
+
+command -v wrk >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }
+command -v curl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl; }
+
+pids=()
+work=$(mktemp -d)
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+    scripts/pg-cluster.sh stop || true
+}
+trap cleanup EXIT
+
+scripts/pg-cluster.sh start >/dev/null
+eval "$(scripts/pg-cluster.sh env)"
+
+echo "== building both servers in release mode"
+swift build -c release --product ContextDBExample 2>&1 | tail -n 1
+(cd Benchmarks && swift build -c release --product BaselineServer 2>&1 | tail -n 1)
+example_bin=$(swift build -c release --show-bin-path)/ContextDBExample
+baseline_bin=$(cd Benchmarks && swift build -c release --show-bin-path)/BaselineServer
+
+LOG_LEVEL=warning "$example_bin" --port "$example_port" > "$work/example.log" 2>&1 &
+pids+=($!)
+until curl -sf "http://127.0.0.1:$example_port/health" >/dev/null; do sleep 0.2; done  # also creates the tables
+"$baseline_bin" "$baseline_port" > "$work/baseline.log" 2>&1 &
+pids+=($!)
+until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$baseline_port/items/0")" = 404 ]; do sleep 0.2; done
+
+# A row for the read workload, replayed on the replica.
+curl -sf -X POST -H 'content-type: application/json' --data '{"text":"bench"}' "http://127.0.0.1:$example_port/items" >/dev/null
+sleep 1
+
+cat > "$work/insert.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"text":"bench"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+cp "$work/insert.lua" "$work/write-then-read.lua"
+
+run() { # name port path script → "rps p50 p99"
+    local args=(-t "$threads" -c "$connections" -d "$duration" --latency)
+    [ -n "$4" ] && args+=(-s "$4")
+    local out
+    out=$(wrk "${args[@]}" "http://127.0.0.1:$2$3")
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ { print $2 }' <<<"$out")
+    p50=$(awk '$1 == "50%" { print $2 }' <<<"$out")
+    p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+    local errors
+    errors=$(awk '/Non-2xx or 3xx responses/ { print $5 }' <<<"$out")
+    echo "$rps $p50 $p99 ${errors:-0}"
+}
+
+printf '\n%-16s %-9s %12s %10s %10s %8s\n' workload server requests/s p50 p99 non-2xx
+declare -A result
+for workload in insert read write-then-read; do
+    case $workload in
+        insert) path=/items; script=$work/insert.lua ;;
+        read) path=/items/1; script="" ;;
+        write-then-read) path=/items/write_then_read; script=$work/write-then-read.lua ;;
+    esac
+    for server in example baseline; do
+        port=$example_port
+        [ $server = baseline ] && port=$baseline_port
+        read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
+        result[$workload.$server]=$rps
+        printf '%-16s %-9s %12s %10s %10s %8s\n' "$workload" "$server" "$rps" "$p50" "$p99" "$errors"
+    done
+done
+echo
+for workload in insert read write-then-read; do
+    awk -v w="$workload" -v e="${result[$workload.example]}" -v b="${result[$workload.baseline]}" \
+        'BEGIN { printf "%-16s example/baseline = %.3f\n", w, e / b }'
+done
+echo "(machine: $(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB; wrk -t$threads -c$connections -d$duration)"
