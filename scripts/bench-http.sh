@@ -36,11 +36,12 @@ trap cleanup EXIT
 scripts/pg-cluster.sh start >/dev/null
 eval "$(scripts/pg-cluster.sh env)"
 
-echo "== building both servers in release mode"
-swift build -c release --product ContextDBExample 2>&1 | tail -n 1
+echo "== building both servers in release mode (in the Benchmarks package, sharing one build)"
+(cd Benchmarks && swift build -c release --product ContextDBExample 2>&1 | tail -n 1)
 (cd Benchmarks && swift build -c release --product BaselineServer 2>&1 | tail -n 1)
-example_bin=$(swift build -c release --show-bin-path)/ContextDBExample
-baseline_bin=$(cd Benchmarks && swift build -c release --show-bin-path)/BaselineServer
+bin=$(cd Benchmarks && swift build -c release --show-bin-path)
+example_bin=$bin/ContextDBExample
+baseline_bin=$bin/BaselineServer
 
 LOG_LEVEL=warning "$example_bin" --port "$example_port" > "$work/example.log" 2>&1 &
 pids+=($!)
