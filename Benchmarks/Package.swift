@@ -20,6 +20,7 @@ let package = Package(
                 .product(name: "ContextDBPostgres", package: "swift-context-db"),
                 .product(name: "Benchmark", package: "benchmark"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                "NullEngine",
             ],
             path: "Benchmarks/ContextDBBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
@@ -31,6 +32,16 @@ let package = Package(
                 .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             path: "Sources/BaselineServer"
+        ),
+        .executableTarget(
+            name: "ProfileHarness",
+            dependencies: [.product(name: "ContextDB", package: "swift-context-db"), "NullEngine"],
+            path: "Sources/ProfileHarness"
+        ),
+        .target(
+            name: "NullEngine",
+            dependencies: [.product(name: "ContextDB", package: "swift-context-db")],
+            path: "Sources/NullEngine"
         ),
     ],
     swiftLanguageModes: [.v6]

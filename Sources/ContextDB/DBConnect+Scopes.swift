@@ -34,10 +34,6 @@ extension DBConnect {
         await context.remove(for: self)?.close()
     }
 
-    private func existingSession() throws -> DBSession<Engine>? {
-        try requireContext().session(for: self)
-    }
-
     /// Runs `body` in a transaction of the context session and commits it at the end.
     ///
     /// `mode` says what happens to a transaction that is already open (see ``DBAtomicMode``).

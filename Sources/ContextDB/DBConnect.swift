@@ -220,10 +220,16 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// - Throws: ``DBError/Code/noContext`` outside a context (note: `Task.detached` has none),
     ///   ``DBError/Code/hostNotSet``, or what `beforeCreateSession` throws.
     public func session() async throws -> DBSession<Engine> {
-        let context = try requireContext()
-        if let session = try context.session(for: self) { return session }
+        if let session = try existingSession() { return session }
         let created = try await makeSession()
-        return try context.insert(created, for: self)
+        return try requireContext().insert(created, for: self)
+    }
+
+    /// The current context's live session for this connect, if it has one.
+    func existingSession() throws -> DBSession<Engine>? {
+        guard let session = try requireContext().liveSession(for: ObjectIdentifier(self), label: label) else { return nil }
+        // Only sessions of this connect are stored under its identity.
+        return unsafeDowncast(session, to: DBSession<Engine>.self)
     }
 
     func requireContext() throws -> DBContext {

@@ -15,6 +15,13 @@ public final class DBContext: Sendable {
     struct Entry: Sendable {
         let key: ObjectIdentifier
         let session: any AnyDBSession
+        let liveness: DBSessionLiveness
+
+        init<Engine>(key: ObjectIdentifier, session: DBSession<Engine>) {
+            self.key = key
+            self.session = session
+            self.liveness = session.liveness
+        }
     }
 
     struct State: Sendable {
@@ -23,7 +30,7 @@ public final class DBContext: Sendable {
         var values: [ObjectIdentifier: any Sendable] = [:]
         var consistencyToken: String?
         /// Sessions pinned by `DBSession.withSavepointSessions`, inherited by nested contexts.
-        var pinned: [ObjectIdentifier: any AnyDBSession] = [:]
+        var pinned: [ObjectIdentifier: Entry] = [:]
     }
 
     let state: Mutex<State>
@@ -37,13 +44,16 @@ public final class DBContext: Sendable {
     }
 
     func pinnedSession<Engine>(for connect: DBConnect<Engine>) -> DBSession<Engine>? {
-        state.withLock { $0.pinned[ObjectIdentifier(connect)] as? DBSession<Engine> }
+        state.withLock { state in
+            state.pinned[ObjectIdentifier(connect)].map { unsafeDowncast($0.session, to: DBSession<Engine>.self) }
+        }
     }
 
     var hasPinnedSessions: Bool { state.withLock { !$0.pinned.isEmpty } }
 
     func pin<Engine>(_ session: DBSession<Engine>, for connect: DBConnect<Engine>) {
-        state.withLock { $0.pinned[ObjectIdentifier(connect)] = session }
+        let key = ObjectIdentifier(connect)
+        state.withLock { $0.pinned[key] = Entry(key: key, session: session) }
     }
 
     /// Runs `body` with this context as ``current``.
@@ -97,18 +107,18 @@ public final class DBContext: Sendable {
 
     // MARK: - Session map
 
-    func session<Engine>(for connect: DBConnect<Engine>) throws -> DBSession<Engine>? {
-        let key = ObjectIdentifier(connect)
-        return try state.withLock { state in
-            if state.finished { throw Self.finishedError(connect.label) }
+    /// The live session of the connect with identity `key`, or `nil`. Not generic, so the lookup
+    /// costs no type-metadata work: the caller (`DBConnect.session()`) knows the session's type.
+    func liveSession(for key: ObjectIdentifier, label: String) throws -> AnyObject? {
+        try state.withLock { state in
+            if state.finished { throw Self.finishedError(label) }
             for entry in state.entries where entry.key == key {
-                let session = entry.session as! DBSession<Engine>
-                return session.isClosed ? nil : session
+                return entry.liveness.isClosed ? nil : entry.session
             }
-            if !state.pinned.isEmpty, let pinned = state.pinned[key] as? DBSession<Engine> {
+            if !state.pinned.isEmpty, let pinned = state.pinned[key] {
                 // Recorded here too, so this context's commit, rollback and close reach it.
-                state.entries.append(Entry(key: key, session: pinned))
-                return pinned
+                state.entries.append(pinned)
+                return pinned.session
             }
             return nil
         }
@@ -121,8 +131,8 @@ public final class DBContext: Sendable {
         return try state.withLock { state in
             if state.finished { throw Self.finishedError(connect.label) }
             if let index = state.entries.firstIndex(where: { $0.key == key }) {
-                let existing = state.entries[index].session as! DBSession<Engine>
-                if !existing.isClosed { return existing }
+                let existing = state.entries[index]
+                if !existing.liveness.isClosed { return unsafeDowncast(existing.session, to: DBSession<Engine>.self) }
                 state.entries[index] = Entry(key: key, session: candidate)
             } else {
                 state.entries.append(Entry(key: key, session: candidate))
@@ -135,7 +145,7 @@ public final class DBContext: Sendable {
         let key = ObjectIdentifier(connect)
         return state.withLock { state in
             guard let index = state.entries.firstIndex(where: { $0.key == key }) else { return nil }
-            return state.entries.remove(at: index).session as? DBSession<Engine>
+            return unsafeDowncast(state.entries.remove(at: index).session, to: DBSession<Engine>.self)
         }
     }
 

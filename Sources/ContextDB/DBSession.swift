@@ -21,6 +21,48 @@ public protocol AnyDBSession: AnyObject, Sendable {
     func close() async
 }
 
+/// Whether a session closed, as a non-generic object: the context's session lookup reads it
+/// without casting the session back to its engine type (a cast costs a metadata lookup).
+final class DBSessionLiveness: Sendable {
+    private let closed = Atomic<Bool>(false)
+
+    var isClosed: Bool { closed.load(ordering: .acquiring) }
+
+    func close() { closed.store(true, ordering: .releasing) }
+}
+
+/// The mutable state of a ``DBSession``. Outside the generic class, so that reading it costs
+/// no type-metadata lookup in the session's unspecialized code.
+struct DBSessionState: Sendable {
+    var host: String
+    /// Whether a lease ever succeeded: failover to another host only happens before that.
+    var everLeased = false
+    /// The `DBLease<Engine>` while the session holds a connection.
+    var lease: (any AnyObject & Sendable)?
+    var inTransaction = false
+    /// A statement of the open transaction failed: the server will not commit it.
+    var transactionFailed = false
+    var busy = false
+    var closed = false
+    /// `close()` ran while a statement was running: the running operation releases.
+    var releaseWhenIdle = false
+    /// The savepoint that stands for the open transaction of a savepoint session.
+    var savepoint: String?
+}
+
+/// A session's engine and leased connection, boxed: the session's state then has no generic
+/// field, so the session's code (not specialized for the caller's engine) reads it without
+/// type-metadata lookups.
+final class DBLease<Engine: DatabaseEngine>: Sendable {
+    let engine: Engine
+    let connection: Engine.Connection
+
+    init(_ engine: Engine, _ connection: Engine.Connection) {
+        self.engine = engine
+        self.connection = connection
+    }
+}
+
 /// A lazy database session bound to one host of a ``DBConnect``.
 ///
 /// No connection is leased until the first statement; the first statement also begins a
@@ -42,24 +84,11 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// are savepoints inside the connection's own transaction.
     let shared: DBSharedConnection<Engine>?
 
-    struct State: Sendable {
-        var host: String
-        /// Whether a lease ever succeeded: failover to another host only happens before that.
-        var everLeased = false
-        var engine: Engine?
-        var connection: Engine.Connection?
-        var inTransaction = false
-        /// A statement of the open transaction failed: the server will not commit it.
-        var transactionFailed = false
-        var busy = false
-        var closed = false
-        /// `close()` ran while a statement was running: the running operation releases.
-        var releaseWhenIdle = false
-        /// The savepoint that stands for the open transaction of a savepoint session.
-        var savepoint: String?
-    }
+    typealias State = DBSessionState
 
     let state: Mutex<State>
+    /// Whether the session closed, readable without knowing `Engine` (the context's lookup).
+    let liveness = DBSessionLiveness()
 
     init(connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil) {
         precondition(!candidates.isEmpty, "a session needs a host")
@@ -77,8 +106,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         self.onLeaseFailure = nil
         self.shared = shared
         var state = State(host: shared.host)
-        state.engine = shared.engine
-        state.connection = shared.connection
+        state.lease = DBLease(shared.engine, shared.connection)
         state.everLeased = true
         self.state = Mutex(state)
     }
@@ -88,8 +116,15 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     public var connectLabel: String { connect.label }
     public var isInTransaction: Bool { state.withLock { $0.inTransaction } }
-    public var hasConnection: Bool { state.withLock { $0.connection != nil } }
-    public var isClosed: Bool { state.withLock { $0.closed } }
+    public var hasConnection: Bool { state.withLock { $0.lease != nil } }
+
+    /// The session's lease, read under the state's lock.
+    @inline(__always)
+    static func currentLease(_ state: borrowing State) -> DBLease<Engine>? {
+        guard let lease = state.lease else { return nil }
+        return unsafeBitCast(lease, to: DBLease<Engine>.self)
+    }
+    public var isClosed: Bool { liveness.isClosed }
 
     // MARK: - Running statements
 
@@ -108,51 +143,47 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ) async throws -> R {
         try await enter()
         do {
-            let (engine, connection) = try await prepare()
-            let result = try await body(connection)
-            await leave(engine)
+            let lease = try await prepare()
+            let result = try await body(lease.connection)
+            await leave()
             return result
         } catch {
-            let engine = state.withLock { state -> Engine? in
-                if state.inTransaction, let engine = state.engine, engine.abortsTransaction(error) {
+            state.withLock { state in
+                if state.inTransaction, let lease = Self.currentLease(state), lease.engine.abortsTransaction(error) {
                     state.transactionFailed = true
                 }
-                return state.engine
             }
-            await leave(engine)
+            await leave()
             throw error
         }
     }
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
-    private func prepare() async throws -> (Engine, Engine.Connection) {
-        let (engine, connection, inTransaction) = state.withLock { ($0.engine, $0.connection, $0.inTransaction) }
-        guard let engine, let connection else { return try await acquire() }
-        if !inTransaction { try await begin(engine, connection) }
-        return (engine, connection)
+    private func prepare() async throws -> DBLease<Engine> {
+        let (lease, inTransaction) = state.withLock { (Self.currentLease($0), $0.inTransaction) }
+        guard let lease else { return try await acquire() }
+        if !inTransaction { try await begin(lease) }
+        return lease
     }
 
     /// Sends `BEGIN`; on failure the connection, in an unknown state, is closed rather than pooled.
-    private func begin(_ engine: Engine, _ connection: Engine.Connection) async throws {
+    private func begin(_ lease: DBLease<Engine>) async throws {
         do {
             if let shared {
                 let name = shared.nextSavepoint()
-                try await engine.execute(.savepoint(name), on: connection)
+                try await lease.engine.execute(.savepoint(name), on: lease.connection)
                 state.withLock {
                     $0.inTransaction = true
                     $0.savepoint = name
                 }
                 return
             }
-            try await engine.execute(.begin(connect.options), on: connection)
+            try await lease.engine.execute(.begin(connect.options), on: lease.connection)
             state.withLock { $0.inTransaction = true }
         } catch {
             if shared != nil { throw error }  // the borrowed connection is not ours to close
-            state.withLock {
-                $0.connection = nil
-                $0.engine = nil
-            }
-            await engine.releaseConnection(connection, reusable: false)
+            state.withLock { $0.lease = nil }
+            await lease.engine.releaseConnection(lease.connection, reusable: false)
             throw error
         }
     }
@@ -160,7 +191,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Leases a connection and begins a transaction. Until the session has had a connection, a
     /// host that fails either step is reported and the next candidate tried, so a host that went
     /// down (or a dead pooled connection) costs no failed request while another can serve.
-    private func acquire() async throws -> (Engine, Engine.Connection) {
+    private func acquire() async throws -> DBLease<Engine> {
         let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
         let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
         var failures: [(host: String, error: any Error)] = []
@@ -182,14 +213,14 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
                         connect: connect.label, host: host, underlying: error
                     )
                 }
+                let lease = DBLease(engine, connection)
                 state.withLock {
                     $0.host = host
-                    $0.engine = engine
-                    $0.connection = connection
+                    $0.lease = lease
                 }
-                try await begin(engine, connection)
+                try await begin(lease)
                 state.withLock { $0.everLeased = true }
-                return (engine, connection)
+                return lease
             } catch is CancellationError {
                 throw CancellationError()
             } catch {
@@ -242,21 +273,19 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         throw DBError(.sessionClosed, "this session was closed; ask the connect for a new one with session()", connect: label, host: host)
     }
 
-    private func leave(_ engine: Engine?) async {
+    private func leave() async {
         if let shared {
             state.withLock { $0.busy = false }
             shared.unlock()
             return
         }
-        let release = state.withLock { state -> Engine.Connection? in
+        let release = state.withLock { state -> DBLease<Engine>? in
             state.busy = false
             guard state.releaseWhenIdle else { return nil }
             state.releaseWhenIdle = false
-            return state.connection
+            return Self.currentLease(state)
         }
-        if let release, let engine {
-            await finalRelease(engine, release)
-        }
+        if let release { await finalRelease(release) }
     }
 
     // MARK: - Ending transactions
@@ -265,10 +294,10 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// - Throws: ``DBError/Code/commitFailed`` when `COMMIT` fails; nothing of the transaction is committed then.
     public func commit() async throws {
         try await enter()
-        guard let (engine, connection) = openTransaction() else { return await leave(nil) }
+        guard let lease = openTransaction() else { return await leave() }
         if state.withLock({ $0.transactionFailed }) {
-            await discardTransaction(engine, connection)
-            await leave(engine)
+            await discardTransaction(lease)
+            await leave()
             throw DBError(
                 .commitFailed,
                 "a statement of this transaction failed, so the transaction was rolled back instead of committed; catch failures inside an atomic block, or roll back and retry",
@@ -276,13 +305,13 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             )
         }
         do {
-            try await engine.execute(commitStatement, on: connection)
+            try await lease.engine.execute(commitStatement, on: lease.connection)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
-            await leave(engine)
+            await leave()
         } catch {
             // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
-            await discardTransaction(engine, connection)
-            await leave(engine)
+            await discardTransaction(lease)
+            await leave()
             throw DBError(
                 .commitFailed,
                 "COMMIT failed and the transaction was rolled back; nothing of it was saved",
@@ -296,14 +325,14 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// If `ROLLBACK` itself fails the connection is closed instead of pooled, then the error is thrown.
     public func rollback() async throws {
         try await enter()
-        guard let (engine, connection) = openTransaction() else { return await leave(nil) }
+        guard let lease = openTransaction() else { return await leave() }
         do {
-            try await runRollback(engine, connection)
+            try await runRollback(lease)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
-            await leave(engine)
+            await leave()
         } catch {
-            await dropConnection(engine, connection)
-            await leave(engine)
+            await dropConnection(lease)
+            await leave()
             throw error
         }
     }
@@ -317,40 +346,40 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             // A savepoint session is shared by the whole test: closing rolls back to its
             // savepoint and leaves it usable; the borrowed connection stays with its owner.
             await shared.lock()
-            if let (engine, connection) = openTransaction() {
-                do { try await runRollback(engine, connection) } catch { state.withLock { $0.inTransaction = false; $0.transactionFailed = false } }
+            if let lease = openTransaction() {
+                do { try await runRollback(lease) } catch { state.withLock { $0.inTransaction = false; $0.transactionFailed = false } }
             }
             shared.unlock()
             return
         }
-        let action = state.withLock { state -> (Engine, Engine.Connection)? in
+        let action = state.withLock { state -> DBLease<Engine>? in
             state.closed = true
+            liveness.close()
             if state.busy {
                 state.releaseWhenIdle = true
                 return nil
             }
-            guard let engine = state.engine, let connection = state.connection else { return nil }
+            guard let lease = Self.currentLease(state) else { return nil }
             state.busy = true
-            return (engine, connection)
+            return lease
         }
-        guard let (engine, connection) = action else { return }
-        await finalRelease(engine, connection)
+        guard let lease = action else { return }
+        await finalRelease(lease)
         state.withLock { $0.busy = false }
     }
 
-    private func openTransaction() -> (Engine, Engine.Connection)? {
+    private func openTransaction() -> DBLease<Engine>? {
         state.withLock { state in
-            guard state.inTransaction, let engine = state.engine, let connection = state.connection else { return nil }
-            return (engine, connection)
+            guard state.inTransaction else { return nil }
+            return Self.currentLease(state)
         }
     }
 
     /// Rolls back if needed, then releases. A connection whose rollback failed is not pooled.
-    private func finalRelease(_ engine: Engine, _ connection: Engine.Connection) async {
+    private func finalRelease(_ lease: DBLease<Engine>) async {
         let inTransaction = state.withLock { state in
             defer {
-                state.connection = nil
-                state.engine = nil
+                state.lease = nil
                 state.inTransaction = false
                 state.transactionFailed = false
             }
@@ -358,18 +387,18 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         }
         var reusable = true
         if inTransaction {
-            do { try await engine.execute(.rollback, on: connection) } catch { reusable = false }
+            do { try await lease.engine.execute(.rollback, on: lease.connection) } catch { reusable = false }
         }
-        await engine.releaseConnection(connection, reusable: reusable)
+        await lease.engine.releaseConnection(lease.connection, reusable: reusable)
     }
 
     /// Rolls the server transaction back after a failure; drops the connection if that fails too.
-    private func discardTransaction(_ engine: Engine, _ connection: Engine.Connection) async {
+    private func discardTransaction(_ lease: DBLease<Engine>) async {
         do {
-            try await runRollback(engine, connection)
+            try await runRollback(lease)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
         } catch {
-            await dropConnection(engine, connection)
+            await dropConnection(lease)
         }
     }
 
@@ -380,25 +409,24 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// `ROLLBACK`, or for a savepoint session `ROLLBACK TO SAVEPOINT` then `RELEASE SAVEPOINT`.
-    private func runRollback(_ engine: Engine, _ connection: Engine.Connection) async throws {
+    private func runRollback(_ lease: DBLease<Engine>) async throws {
         guard shared != nil, let name = state.withLock({ $0.savepoint }) else {
-            return try await engine.execute(.rollback, on: connection)
+            return try await lease.engine.execute(.rollback, on: lease.connection)
         }
-        try await engine.execute(.rollbackToSavepoint(name), on: connection)
-        try await engine.execute(.releaseSavepoint(name), on: connection)
+        try await lease.engine.execute(.rollbackToSavepoint(name), on: lease.connection)
+        try await lease.engine.execute(.releaseSavepoint(name), on: lease.connection)
     }
 
-    private func dropConnection(_ engine: Engine, _ connection: Engine.Connection) async {
+    private func dropConnection(_ lease: DBLease<Engine>) async {
         if shared != nil {
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
             return
         }
         state.withLock {
-            $0.connection = nil
-            $0.engine = nil
+            $0.lease = nil
             $0.inTransaction = false
             $0.transactionFailed = false
         }
-        await engine.releaseConnection(connection, reusable: false)
+        await lease.engine.releaseConnection(lease.connection, reusable: false)
     }
 }

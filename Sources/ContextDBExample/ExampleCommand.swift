@@ -13,7 +13,8 @@ struct ExampleCommand: AsyncParsableCommand {
             DATABASE_URL (libpq URI) names every host of the cluster; which one is the primary \
             and which are replicas is found by probing them, also after a failover. Default: the \
             local cluster of scripts/pg-cluster.sh. REPLICA_MAX_LAG_BYTES limits how far a \
-            replica may lag to serve a read that carries no X-WAL-LSN token.
+            replica may lag to serve a read that carries no X-WAL-LSN token. \
+            READ_YOUR_WRITES=off turns read-your-own-writes off (on by default).
             """
     )
 
@@ -28,7 +29,10 @@ struct ExampleCommand: AsyncParsableCommand {
         logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
         let url = ProcessInfo.processInfo.environment["DATABASE_URL"] ?? ExampleDatabase.localClusterURL
         let maximumLag = ProcessInfo.processInfo.environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) }
-        let database = try ExampleDatabase(url: url, maximumLagBytes: maximumLag, logger: logger)
+        let readYourWrites = ProcessInfo.processInfo.environment["READ_YOUR_WRITES"] != "off"
+        let database = try ExampleDatabase(
+            url: url, maximumLagBytes: maximumLag, readYourWrites: readYourWrites, logger: logger
+        )
         let app = try await buildApplication(database: database, hostname: hostname, port: port, logger: logger)
         try await app.runService()
     }

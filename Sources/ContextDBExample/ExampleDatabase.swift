@@ -19,16 +19,19 @@ struct ExampleDatabase: Sendable {
     /// - Parameters:
     ///   - url: A libpq URI naming every host of the cluster, in any order: roles come from probing.
     ///   - maximumLagBytes: The most a replica may lag to serve a read without a token.
+    ///   - readYourWrites: Record each write's WAL position so later reads wait for it (two more
+    ///     round trips per committed write); `false` for the plain cost, as in the HTTP benchmark.
     init(
         url: String,
         maximumConnections: Int = 20,
         maximumLagBytes: UInt64? = nil,
+        readYourWrites: Bool = true,
         topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
         logger: Logger
     ) throws {
         topology = try PostgresTopology(url: url, configuration: configuration, logger: logger)
         primary = try DBConnect(
-            label: "primary", url: url, maximumConnections: maximumConnections, readYourWrites: true,
+            label: "primary", url: url, maximumConnections: maximumConnections, readYourWrites: readYourWrites,
             logger: logger, beforeCreateSession: topology.primaryHook()
         )
         replica = try DBConnect(

@@ -31,14 +31,29 @@ public final class PostgresEngine: DatabaseEngine {
     /// round trip per commit, and one more when the transaction wrote.
     public let capturesCommitLSN: Bool
 
-    private struct Outstanding: Sendable {
+    /// A lease still waiting for its connection, watched by the engine's watchdog.
+    private struct Pending: Sendable {
         let lease: PostgresLease
         let holder: Task<Void, Never>
+        let started: ContinuousClock.Instant
+        var diagnosed = false
+    }
+
+    private struct Leases: Sendable {
+        /// Leases waiting for a connection, by lease.
+        var pending: [ObjectIdentifier: Pending] = [:]
+        /// Connections handed to sessions and not yet released, by connection.
+        var held: [ObjectIdentifier: PostgresLease] = [:]
+        /// Holder tasks that have not returned their connection to the pool yet, by lease.
+        var holders: [ObjectIdentifier: Task<Void, Never>] = [:]
+        /// Whether the watchdog task runs (it runs only while leases are pending).
+        var watchdogRunning = false
+        /// `drainAndShutdown()` callers waiting for `holders` to empty.
+        var idleWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     private let runTask: Task<Void, Never>
-    private let outstanding = Mutex<[ObjectIdentifier: Outstanding]>([:])
-    private let idleWaiters = Mutex<[CheckedContinuation<Void, Never>]>([])
+    private let leases = Mutex(Leases())
     private let connectTimeout: Duration
     /// A configuration for a direct diagnostic connection with the same TLS rules as the pool's;
     /// `nil` when that cannot be derived (then no probe sends credentials anywhere).
@@ -120,52 +135,50 @@ public final class PostgresEngine: DatabaseEngine {
     }
 
     /// How many connections sessions hold right now (leased and not yet released).
-    public var leasedConnectionCount: Int { outstanding.withLock { $0.count } }
+    public var leasedConnectionCount: Int { leases.withLock { $0.held.count } }
 
     // MARK: - Leasing
 
     public func leaseConnection() async throws -> PostgresConnection {
         let lease = PostgresLease()
-        let holder = Task.detached { [client] in
-            do {
-                try await client.withConnection { connection in
-                    guard lease.deliver(connection) else { return }
-                    if await !lease.waitForRelease() {
-                        // Possibly inside a transaction: never let the next borrower inherit it.
-                        try? await connection.close()
+        let id = ObjectIdentifier(lease)
+        let startWatchdog = leases.withLock { state -> Bool in
+            // Made under the lock, so the holder cannot remove itself before it is recorded.
+            let holder = Task.detached { [client, self] in
+                do {
+                    try await client.withConnection { connection in
+                        guard lease.deliver(connection) else { return }
+                        if await !lease.waitForRelease() {
+                            // Possibly inside a transaction: never let the next borrower inherit it.
+                            try? await connection.close()
+                        }
                     }
+                } catch {
+                    lease.abandon(error)
                 }
-            } catch {
-                lease.abandon(error)
+                self.holderFinished(id)
             }
+            state.holders[id] = holder
+            state.pending[id] = Pending(lease: lease, holder: holder, started: .now)
+            defer { state.watchdogRunning = true }
+            return !state.watchdogRunning
         }
-        let watchdog = Task.detached { [self] in
-            do {
-                try await Task.sleep(for: min(.seconds(1), connectTimeout))
-                if let failure = await diagnose() {
-                    if lease.abandon(failure) { holder.cancel() }
-                    return
-                }
-                try await Task.sleep(for: leaseTimeout - min(.seconds(1), connectTimeout))
-                let timeout = DBError(
-                    .connectionFailed,
-                    "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",
-                    host: endpoint.description
-                )
-                if lease.abandon(timeout) { holder.cancel() }
-            } catch {}  // cancelled: the lease completed
+        if startWatchdog {
+            Task.detached { [self] in await watch() }
         }
         do {
             let connection = try await withTaskCancellationHandler {
                 try await lease.connection()
             } onCancel: {
-                if lease.abandon(CancellationError()) { holder.cancel() }
+                if lease.abandon(CancellationError()) { leases.withLock { $0.holders[id] }?.cancel() }
             }
-            watchdog.cancel()
-            outstanding.withLock { $0[ObjectIdentifier(connection)] = Outstanding(lease: lease, holder: holder) }
+            leases.withLock { state in
+                state.pending[id] = nil
+                state.held[ObjectIdentifier(connection)] = lease
+            }
             return connection
         } catch {
-            watchdog.cancel()
+            leases.withLock { $0.pending[id] = nil }
             if error is DBError || error is CancellationError { throw error }
             throw DBError(
                 .connectionFailed, Self.explain(error),
@@ -174,15 +187,63 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
+    /// Gives the connection back without waiting for the pool to take it: the lease's holder
+    /// task returns it (or closes it, when `reusable` is false) on its own.
     public func releaseConnection(_ connection: PostgresConnection, reusable: Bool) async {
-        guard let lease = outstanding.withLock({ $0.removeValue(forKey: ObjectIdentifier(connection)) }) else {
-            return  // already released (engine shut down)
+        leases.withLock { $0.held.removeValue(forKey: ObjectIdentifier(connection)) }?.release(reusable: reusable)
+    }
+
+    private func holderFinished(_ id: ObjectIdentifier) {
+        let waiters = leases.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.holders[id] = nil
+            guard state.holders.isEmpty else { return [] }
+            defer { state.idleWaiters.removeAll() }
+            return state.idleWaiters
         }
-        lease.lease.release(reusable: reusable)
-        await lease.holder.value
-        if outstanding.withLock({ $0.isEmpty }) {
-            for waiter in idleWaiters.withLock({ waiters in defer { waiters.removeAll() }; return waiters }) {
-                waiter.resume()
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Runs while leases wait: a lease that waited `diagnoseAfter` gets the server probed once
+    /// (a wrong password makes the pool retry forever), one that waited ``leaseTimeout`` fails.
+    /// One task per engine, not one per lease; it ends when nothing is pending.
+    private func watch() async {
+        let diagnoseAfter = min(.seconds(1), connectTimeout)
+        let tick = min(.milliseconds(100), diagnoseAfter / 4)
+        while true {
+            try? await Task.sleep(for: tick)
+            let now = ContinuousClock.now
+            let (expired, toDiagnose, done) = leases.withLock { state -> ([Pending], [Pending], Bool) in
+                if state.pending.isEmpty {
+                    state.watchdogRunning = false
+                    return ([], [], true)
+                }
+                var expired: [Pending] = []
+                var toDiagnose: [Pending] = []
+                for (id, pending) in state.pending {
+                    let waited = pending.started.duration(to: now)
+                    if waited >= leaseTimeout {
+                        expired.append(pending)
+                    } else if waited >= diagnoseAfter, !pending.diagnosed {
+                        state.pending[id]?.diagnosed = true
+                        toDiagnose.append(pending)
+                    }
+                }
+                return (expired, toDiagnose, false)
+            }
+            if done { return }
+            if !expired.isEmpty {
+                let timeout = DBError(
+                    .connectionFailed,
+                    "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",
+                    host: endpoint.description
+                )
+                for pending in expired where pending.lease.abandon(timeout) { pending.holder.cancel() }
+            }
+            if !toDiagnose.isEmpty {
+                Task.detached { [self] in
+                    guard let failure = await diagnose() else { return }
+                    for pending in toDiagnose where pending.lease.abandon(failure) { pending.holder.cancel() }
+                }
             }
         }
     }
@@ -210,13 +271,13 @@ public final class PostgresEngine: DatabaseEngine {
     private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 
-    /// Waits until no session holds a connection of this engine, then shuts it down — for a
-    /// host that left the cluster or a demoted primary.
+    /// Waits until every connection of this engine is back in its pool (no session holds
+    /// one), then shuts it down — for a host that left the cluster or a demoted primary.
     public func drainAndShutdown() async {
         await withCheckedContinuation { continuation in
-            let idle = outstanding.withLock { leases in
-                if leases.isEmpty { return true }
-                idleWaiters.withLock { $0.append(continuation) }
+            let idle = leases.withLock { state in
+                if state.holders.isEmpty { return true }
+                state.idleWaiters.append(continuation)
                 return false
             }
             if idle { continuation.resume() }
@@ -229,14 +290,19 @@ public final class PostgresEngine: DatabaseEngine {
     }
 
     public func shutdown() async {
-        let leases = outstanding.withLock { state in
-            defer { state.removeAll() }
-            return Array(state.values)
+        // Connections still held by sessions are closed, not pooled (they may be inside a
+        // transaction); their holders finish before the pool stops. Leases still waiting fail
+        // when it stops.
+        let (held, heldHolders) = leases.withLock { state in
+            defer { state.held.removeAll() }
+            let held = Array(state.held.values)
+            return (held, held.compactMap { state.holders[ObjectIdentifier($0)] })
         }
-        for lease in leases { lease.lease.release(reusable: false) }
-        for lease in leases { await lease.holder.value }
+        for lease in held { lease.release(reusable: false) }
+        for holder in heldHolders { await holder.value }
         runTask.cancel()
         await runTask.value
+        for holder in leases.withLock({ Array($0.holders.values) }) { await holder.value }
     }
 
     // MARK: - Diagnosis
