@@ -8,7 +8,9 @@ import Synchronization
 /// The client's `run()` lives as long as the engine and stops in ``shutdown()``.
 /// A session's lease outlives one `withConnection {}` call (see `PostgresLease`), and every lease
 /// ends with the connection back in the pool — or closed, when it may still be inside a
-/// transaction.
+/// transaction. A connection released clean is first kept for up to a second for the engine's
+/// next lease, which then takes it without a pool round trip or a task start; so during that
+/// second it is not available to other users of ``client``.
 ///
 /// PostgresNIO's pool retries a failing connection quietly, so a wrong password or an unknown
 /// database would make a lease wait forever. A lease that waits longer than a second (or the
@@ -39,18 +41,33 @@ public final class PostgresEngine: DatabaseEngine {
         var diagnosed = false
     }
 
+    /// A holder task whose connection a session released clean: it keeps the connection out of
+    /// the pool for a moment, so the next lease takes it without starting a task.
+    private struct Parked: Sendable {
+        let connection: PostgresConnection
+        let holder: CheckedContinuation<PostgresLease?, Never>
+        let since: ContinuousClock.Instant
+    }
+
     private struct Leases: Sendable {
         /// Leases waiting for a connection, by lease.
         var pending: [ObjectIdentifier: Pending] = [:]
         /// Connections handed to sessions and not yet released, by connection.
         var held: [ObjectIdentifier: PostgresLease] = [:]
-        /// Holder tasks that have not returned their connection to the pool yet, by lease.
+        /// Holder tasks that have not returned their connection to the pool yet, by task.
         var holders: [ObjectIdentifier: Task<Void, Never>] = [:]
-        /// Whether the watchdog task runs (it runs only while leases are pending).
+        /// Released connections kept for the next lease, most recent last.
+        var parked: [Parked] = []
+        /// Set by `shutdown()`: nothing is parked any more.
+        var closing = false
+        /// Whether the watchdog task runs (only while leases are pending or connections parked).
         var watchdogRunning = false
-        /// `drainAndShutdown()` callers waiting for `holders` to empty.
+        /// `drainAndShutdown()` callers waiting for `held` to empty.
         var idleWaiters: [CheckedContinuation<Void, Never>] = []
     }
+
+    /// How long a released connection stays parked for the next lease before it goes back to the pool.
+    private static let parkedLifetime = Duration.seconds(1)
 
     private let runTask: Task<Void, Never>
     private let leases = Mutex(Leases())
@@ -142,29 +159,49 @@ public final class PostgresEngine: DatabaseEngine {
     public func leaseConnection() async throws -> PostgresConnection {
         let lease = PostgresLease()
         let id = ObjectIdentifier(lease)
-        let startWatchdog = leases.withLock { state -> Bool in
-            // Made under the lock, so the holder cannot remove itself before it is recorded.
-            let holder = Task.detached { [client, self] in
-                do {
-                    try await client.withConnection { connection in
-                        guard lease.deliver(connection) else { return }
-                        if await !lease.waitForRelease() {
-                            // Possibly inside a transaction: never let the next borrower inherit it.
-                            try? await connection.close()
-                        }
-                    }
-                } catch {
-                    lease.abandon(error)
-                }
-                self.holderFinished(id)
-            }
-            state.holders[id] = holder
-            state.pending[id] = Pending(lease: lease, holder: holder, started: .now)
-            defer { state.watchdogRunning = true }
-            return !state.watchdogRunning
+        enum Start {
+            case parked(Parked)
+            case pending(startWatchdog: Bool)
         }
-        if startWatchdog {
-            Task.detached { [self] in await watch() }
+        while true {
+            let start = leases.withLock { state -> Start in
+                if let parked = state.parked.popLast() {
+                    if !parked.connection.isClosed {
+                        lease.markHandedOut()
+                        state.held[ObjectIdentifier(parked.connection)] = lease
+                    }
+                    return .parked(parked)
+                }
+                // Made under the lock, so the holder cannot remove itself before it is recorded.
+                let holder = Task.detached { [client, self] in
+                    do {
+                        try await client.withConnection { connection in
+                            guard lease.deliver(connection) else { return }
+                            await hold(connection, lease)
+                        }
+                    } catch {
+                        lease.holderFailed(error)
+                    }
+                    self.holderFinished(id)
+                }
+                state.holders[id] = holder
+                state.pending[id] = Pending(lease: lease, holder: holder, started: .now)
+                return .pending(startWatchdog: needsWatchdog(&state))
+            }
+            switch start {
+            case .parked(let parked) where parked.connection.isClosed:
+                parked.holder.resume(returning: nil)  // the server closed it: back to the pool, which drops it
+                continue
+            case .parked(let parked):
+                // Its holder task serves this lease now; nothing to wait for.
+                parked.holder.resume(returning: lease)
+                return parked.connection
+            case .pending(let startWatchdog):
+                if startWatchdog {
+                    Task.detached { [self] in await watch() }
+                }
+            }
+            break
         }
         do {
             let connection = try await withTaskCancellationHandler {
@@ -178,7 +215,11 @@ public final class PostgresEngine: DatabaseEngine {
             }
             return connection
         } catch {
-            leases.withLock { $0.pending[id] = nil }
+            // A connection another holder handed to this lease went back with the abandon.
+            _ = removeHeld { state in
+                state.pending[id] = nil
+                return state.held.first(where: { $0.value === lease })?.key
+            }
             if error is DBError || error is CancellationError { throw error }
             throw DBError(
                 .connectionFailed, Self.explain(error),
@@ -187,35 +228,100 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
+    /// The holder's side of one or more leases of `connection`: waits for the release, then
+    /// parks the connection for the next lease while it is clean, until it is not taken in time.
+    private func hold(_ connection: PostgresConnection, _ first: PostgresLease) async {
+        var lease = first
+        while true {
+            guard await lease.waitForRelease() else {
+                // Possibly inside a transaction: never let the next borrower inherit it.
+                try? await connection.close()
+                return
+            }
+            let next = await withCheckedContinuation { (continuation: CheckedContinuation<PostgresLease?, Never>) in
+                enum Next {
+                    case giveBack
+                    /// Serve a lease that waits in the pool's queue, where a parked connection
+                    /// would never go: first come, first served, so no lease starves.
+                    case serve(PostgresLease, otherHolder: Task<Void, Never>)
+                    case parked(startWatchdog: Bool)
+                }
+                let next = leases.withLock { state -> Next in
+                    guard !state.closing, !connection.isClosed else { return .giveBack }
+                    while let (id, pending) = state.pending.min(by: { $0.value.started < $1.value.started }) {
+                        state.pending[id] = nil
+                        if pending.lease.deliver(connection) {
+                            state.held[ObjectIdentifier(connection)] = pending.lease
+                            return .serve(pending.lease, otherHolder: pending.holder)
+                        }
+                    }
+                    state.parked.append(Parked(connection: connection, holder: continuation, since: .now))
+                    return .parked(startWatchdog: needsWatchdog(&state))
+                }
+                switch next {
+                case .giveBack:
+                    continuation.resume(returning: nil)
+                case .serve(let lease, let otherHolder):
+                    otherHolder.cancel()  // its own wait in the pool's queue is not needed any more
+                    continuation.resume(returning: lease)
+                case .parked(let startWatchdog):
+                    if startWatchdog { Task.detached { [self] in await watch() } }
+                }
+            }
+            guard let next else { return }
+            lease = next
+        }
+    }
+
+    /// Marks the watchdog as running; `true` when the caller must start it.
+    private func needsWatchdog(_ state: inout Leases) -> Bool {
+        defer { state.watchdogRunning = true }
+        return !state.watchdogRunning
+    }
+
     /// Gives the connection back without waiting for the pool to take it: the lease's holder
-    /// task returns it (or closes it, when `reusable` is false) on its own.
+    /// task parks it for the next lease, returns it to the pool, or closes it when `reusable`
+    /// is false.
     public func releaseConnection(_ connection: PostgresConnection, reusable: Bool) async {
-        leases.withLock { $0.held.removeValue(forKey: ObjectIdentifier(connection)) }?.release(reusable: reusable)
+        removeHeld { _ in ObjectIdentifier(connection) }?.release(reusable: reusable)
+    }
+
+    /// Removes the held lease whose connection `find` names (under the lock) and wakes
+    /// `drainAndShutdown()` when no session holds a connection any more.
+    private func removeHeld(_ find: (inout Leases) -> ObjectIdentifier?) -> PostgresLease? {
+        let (lease, waiters) = leases.withLock { state -> (PostgresLease?, [CheckedContinuation<Void, Never>]) in
+            guard let key = find(&state), let lease = state.held.removeValue(forKey: key) else { return (nil, []) }
+            guard state.held.isEmpty else { return (lease, []) }
+            defer { state.idleWaiters.removeAll() }
+            return (lease, state.idleWaiters)
+        }
+        for waiter in waiters { waiter.resume() }
+        return lease
     }
 
     private func holderFinished(_ id: ObjectIdentifier) {
-        let waiters = leases.withLock { state -> [CheckedContinuation<Void, Never>] in
-            state.holders[id] = nil
-            guard state.holders.isEmpty else { return [] }
-            defer { state.idleWaiters.removeAll() }
-            return state.idleWaiters
-        }
-        for waiter in waiters { waiter.resume() }
+        leases.withLock { _ = $0.holders.removeValue(forKey: id) }
     }
 
-    /// Runs while leases wait: a lease that waited `diagnoseAfter` gets the server probed once
-    /// (a wrong password makes the pool retry forever), one that waited ``leaseTimeout`` fails.
-    /// One task per engine, not one per lease; it ends when nothing is pending.
+    /// Runs while leases wait or connections are parked: a lease that waited `diagnoseAfter`
+    /// gets the server probed once (a wrong password makes the pool retry forever), one that
+    /// waited ``leaseTimeout`` fails, a connection parked for `parkedLifetime` goes back to the
+    /// pool. One task per engine, not one per lease; it ends when there is nothing to watch.
     private func watch() async {
         let diagnoseAfter = min(.seconds(1), connectTimeout)
         let tick = min(.milliseconds(100), diagnoseAfter / 4)
         while true {
             try? await Task.sleep(for: tick)
             let now = ContinuousClock.now
-            let (expired, toDiagnose, done) = leases.withLock { state -> ([Pending], [Pending], Bool) in
-                if state.pending.isEmpty {
+            let (expired, toDiagnose, retired, done) = leases.withLock {
+                state -> ([Pending], [Pending], [Parked], Bool) in
+                let retired = state.parked.filter { $0.since.duration(to: now) >= Self.parkedLifetime }
+                if !retired.isEmpty {
+                    state.parked.removeAll { $0.since.duration(to: now) >= Self.parkedLifetime }
+                }
+                if state.pending.isEmpty && state.parked.isEmpty {
                     state.watchdogRunning = false
-                    return ([], [], true)
+                    return ([], [], retired, true)
                 }
                 var expired: [Pending] = []
                 var toDiagnose: [Pending] = []
@@ -228,8 +334,9 @@ public final class PostgresEngine: DatabaseEngine {
                         toDiagnose.append(pending)
                     }
                 }
-                return (expired, toDiagnose, false)
+                return (expired, toDiagnose, retired, false)
             }
+            for parked in retired { parked.holder.resume(returning: nil) }
             if done { return }
             if !expired.isEmpty {
                 let timeout = DBError(
@@ -271,12 +378,12 @@ public final class PostgresEngine: DatabaseEngine {
     private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 
-    /// Waits until every connection of this engine is back in its pool (no session holds
-    /// one), then shuts it down — for a host that left the cluster or a demoted primary.
+    /// Waits until no session holds a connection of this engine, then shuts it down — for a
+    /// host that left the cluster or a demoted primary.
     public func drainAndShutdown() async {
         await withCheckedContinuation { continuation in
             let idle = leases.withLock { state in
-                if state.holders.isEmpty { return true }
+                if state.held.isEmpty { return true }
                 state.idleWaiters.append(continuation)
                 return false
             }
@@ -293,13 +400,23 @@ public final class PostgresEngine: DatabaseEngine {
         // Connections still held by sessions are closed, not pooled (they may be inside a
         // transaction); their holders finish before the pool stops. Leases still waiting fail
         // when it stops.
-        let (held, heldHolders) = leases.withLock { state in
-            defer { state.held.removeAll() }
-            let held = Array(state.held.values)
-            return (held, held.compactMap { state.holders[ObjectIdentifier($0)] })
+        let (held, parked, holders, waiters) = leases.withLock { state in
+            defer {
+                state.closing = true
+                state.held.removeAll()
+                state.parked.removeAll()
+                state.idleWaiters.removeAll()
+            }
+            let pendingHolders = Set(state.pending.keys)
+            return (
+                Array(state.held.values), state.parked,
+                state.holders.filter { !pendingHolders.contains($0.key) }.map(\.value), state.idleWaiters
+            )
         }
         for lease in held { lease.release(reusable: false) }
-        for holder in heldHolders { await holder.value }
+        for connection in parked { connection.holder.resume(returning: nil) }
+        for waiter in waiters { waiter.resume() }
+        for holder in holders { await holder.value }
         runTask.cancel()
         await runTask.value
         for holder in leases.withLock({ Array($0.holders.values) }) { await holder.value }

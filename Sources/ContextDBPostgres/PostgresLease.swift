@@ -30,24 +30,42 @@ final class PostgresLease: Sendable {
 
     private let state = Mutex(State())
 
+    /// The borrower took a parked connection directly: nothing will be delivered.
+    func markHandedOut() {
+        state.withLock { $0.handover = .handedOut }
+    }
+
     // MARK: Holder side (the task inside withConnection)
 
     /// Offers the connection; `false` when the borrower already gave up.
     func deliver(_ connection: PostgresConnection) -> Bool {
+        settle(.success(connection))
+    }
+
+    /// The holder task could not get a connection. Fails the lease unless a connection already
+    /// reached it (another holder may have served it: see `PostgresEngine.hold`).
+    func holderFailed(_ error: any Error) {
+        settle(.failure(error))
+    }
+
+    /// Ends a hand-over that is still open with `outcome`; `false` when it was not open.
+    @discardableResult
+    private func settle(_ outcome: Result<PostgresConnection, any Error>) -> Bool {
         let waiter = state.withLock { state -> CheckedContinuation<PostgresConnection, any Error>?? in
+            let waiter: CheckedContinuation<PostgresConnection, any Error>?
             switch state.handover {
-            case .idle:
-                state.handover = .arrived(connection)
-                return .some(nil)
-            case .waiting(let continuation):
-                state.handover = .handedOut
-                return .some(continuation)
-            case .abandoned, .arrived, .handedOut:
-                return nil
+            case .idle: waiter = nil
+            case .waiting(let continuation): waiter = continuation
+            case .abandoned, .arrived, .handedOut: return nil
             }
+            switch outcome {
+            case .success(let connection): state.handover = waiter == nil ? .arrived(connection) : .handedOut
+            case .failure(let error): state.handover = .abandoned(error)
+            }
+            return .some(waiter)
         }
         guard let waiter else { return false }
-        waiter?.resume(returning: connection)
+        waiter?.resume(with: outcome)
         return true
     }
 
