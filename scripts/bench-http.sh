@@ -9,12 +9,17 @@
 # and makes write-then-read wait for the replica (reported as its own rows).
 # Prints requests/s, p50 and p99 for each, and the example/baseline ratios.
 #
-# Usage: scripts/bench-http.sh        Settings: BENCH_DURATION (10s), BENCH_CONNECTIONS (32),
-#                                     BENCH_THREADS (2), and the scripts/pg-cluster.sh settings.
+# Each workload runs BENCH_ROUNDS times per server, the order rotated each round, after a VACUUM
+# and a CHECKPOINT; the ratios are of the medians.
+#
+# Usage: scripts/bench-http.sh        Settings: BENCH_DURATION (10s), BENCH_ROUNDS (3),
+#                                     BENCH_CONNECTIONS (32), BENCH_THREADS (2), and the
+#                                     scripts/pg-cluster.sh settings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 duration=${BENCH_DURATION:-10s}
+rounds=${BENCH_ROUNDS:-3}
 connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-2}
 example_port=8180
@@ -27,6 +32,7 @@ export PG_REPLICAS=1
 
 command -v wrk >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }
 command -v curl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl; }
+command -v psql >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client; }
 
 pids=()
 work=$(mktemp -d)
@@ -82,7 +88,16 @@ run() { # name port path script → "rps p50 p99"
     echo "$rps $p50 $p99 ${errors:-0}"
 }
 
-printf '\n%-16s %-13s %12s %10s %10s %8s\n' workload server requests/s p50 p99 non-2xx
+settle() { # before each measurement: no autovacuum or checkpoint of the previous one's rows running into it
+    PGPASSWORD=$POSTGRES_PASSWORD psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -Atqc \
+        "VACUUM ANALYZE items" -c "CHECKPOINT" >/dev/null
+    sleep 1
+}
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+servers=(example baseline example+ryow)
+printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx
 declare -A result
 for workload in insert read write-then-read; do
     case $workload in
@@ -90,21 +105,29 @@ for workload in insert read write-then-read; do
         read) path=/items/1; script="" ;;
         write-then-read) path=/items/write_then_read; script=$work/write-then-read.lua ;;
     esac
-    for server in example baseline example+ryow; do
-        case $server in
-            example) port=$example_port ;;
-            baseline) port=$baseline_port ;;
-            example+ryow) port=$ryow_port ;;
-        esac
-        read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
-        result[$workload.$server]=$rps
-        printf '%-16s %-13s %12s %10s %10s %8s\n' "$workload" "$server" "$rps" "$p50" "$p99" "$errors"
+    for ((round = 1; round <= rounds; round++)); do
+        # Rotate the order each round, so no server always runs right after another's load.
+        for ((i = 0; i < ${#servers[@]}; i++)); do
+            server=${servers[$(((i + round - 1) % ${#servers[@]}))]}
+            case $server in
+                example) port=$example_port ;;
+                baseline) port=$baseline_port ;;
+                example+ryow) port=$ryow_port ;;
+            esac
+            settle
+            read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
+            result[$workload.$server]="${result[$workload.$server]:-} $rps"
+            printf '%-6s %-16s %-13s %12s %10s %10s %8s\n' "$round" "$workload" "$server" "$rps" "$p50" "$p99" "$errors"
+        done
     done
 done
 echo
+echo "median requests/s over $rounds rounds:"
 for workload in insert read write-then-read; do
-    awk -v w="$workload" -v e="${result[$workload.example]}" -v b="${result[$workload.baseline]}" \
-        -v r="${result[$workload.example+ryow]}" \
-        'BEGIN { printf "%-16s example/baseline = %.3f   (with read-your-own-writes: %.3f)\n", w, e / b, r / b }'
+    e=$(median <<<"${result[$workload.example]}")
+    b=$(median <<<"${result[$workload.baseline]}")
+    r=$(median <<<"${result[$workload.example+ryow]}")
+    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" \
+        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f)\n", w, e, b, e / b, r, r / b }'
 done
 echo "(machine: $(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB; wrk -t$threads -c$connections -d$duration)"

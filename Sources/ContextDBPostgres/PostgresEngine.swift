@@ -36,7 +36,9 @@ public final class PostgresEngine: DatabaseEngine {
     /// A lease still waiting for its connection, watched by the engine's watchdog.
     private struct Pending: Sendable {
         let lease: PostgresLease
-        let holder: Task<Void, Never>
+        /// The task waiting in the pool's queue for this lease; `nil` while the engine already
+        /// has as many holders as the pool has connections (a released one serves the lease).
+        var holder: Task<Void, Never>?
         let started: ContinuousClock.Instant
         var diagnosed = false
     }
@@ -72,6 +74,8 @@ public final class PostgresEngine: DatabaseEngine {
     private let runTask: Task<Void, Never>
     private let leases = Mutex(Leases())
     private let connectTimeout: Duration
+    /// The pool's size: the engine never has more holder tasks than this.
+    private let maximumConnections: Int
     /// A configuration for a direct diagnostic connection with the same TLS rules as the pool's;
     /// `nil` when that cannot be derived (then no probe sends credentials anywhere).
     private let probeConfiguration: PostgresConnection.Configuration?
@@ -144,6 +148,7 @@ public final class PostgresEngine: DatabaseEngine {
         self.logger = logger
         self.leaseTimeout = leaseTimeout
         self.connectTimeout = configuration.options.connectTimeout
+        self.maximumConnections = max(1, configuration.options.maximumConnections)
         self.probeConfiguration = probe
         let client = PostgresClient(configuration: configuration, backgroundLogger: logger)
         self.client = client
@@ -172,19 +177,9 @@ public final class PostgresEngine: DatabaseEngine {
                     }
                     return .parked(parked)
                 }
-                // Made under the lock, so the holder cannot remove itself before it is recorded.
-                let holder = Task.detached { [client, self] in
-                    do {
-                        try await client.withConnection { connection in
-                            guard lease.deliver(connection) else { return }
-                            await hold(connection, lease)
-                        }
-                    } catch {
-                        lease.holderFailed(error)
-                    }
-                    self.holderFinished(id)
-                }
-                state.holders[id] = holder
+                // Only as many holders as the pool has connections: more would queue in the pool
+                // only to be cancelled when a released connection serves their lease.
+                let holder = state.holders.count < maximumConnections ? startHolder(for: lease, &state) : nil
                 state.pending[id] = Pending(lease: lease, holder: holder, started: .now)
                 return .pending(startWatchdog: needsWatchdog(&state))
             }
@@ -228,6 +223,25 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
+    /// Starts the task that gets a connection from the pool for `lease` and holds it (see
+    /// `hold`). Called under the lock, so the holder cannot remove itself before it is recorded.
+    private func startHolder(for lease: PostgresLease, _ state: inout Leases) -> Task<Void, Never> {
+        let id = ObjectIdentifier(lease)
+        let holder = Task.detached { [client, self] in
+            do {
+                try await client.withConnection { connection in
+                    guard lease.deliver(connection) else { return }
+                    await hold(connection, lease)
+                }
+            } catch {
+                lease.holderFailed(error)
+            }
+            self.holderFinished(id)
+        }
+        state.holders[id] = holder
+        return holder
+    }
+
     /// The holder's side of one or more leases of `connection`: waits for the release, then
     /// parks the connection for the next lease while it is clean, until it is not taken in time.
     private func hold(_ connection: PostgresConnection, _ first: PostgresLease) async {
@@ -243,7 +257,7 @@ public final class PostgresEngine: DatabaseEngine {
                     case giveBack
                     /// Serve a lease that waits in the pool's queue, where a parked connection
                     /// would never go: first come, first served, so no lease starves.
-                    case serve(PostgresLease, otherHolder: Task<Void, Never>)
+                    case serve(PostgresLease, otherHolder: Task<Void, Never>?)
                     case parked(startWatchdog: Bool)
                 }
                 let next = leases.withLock { state -> Next in
@@ -262,7 +276,7 @@ public final class PostgresEngine: DatabaseEngine {
                 case .giveBack:
                     continuation.resume(returning: nil)
                 case .serve(let lease, let otherHolder):
-                    otherHolder.cancel()  // its own wait in the pool's queue is not needed any more
+                    otherHolder?.cancel()  // its own wait in the pool's queue is not needed any more
                     continuation.resume(returning: lease)
                 case .parked(let startWatchdog):
                     if startWatchdog { Task.detached { [self] in await watch() } }
@@ -299,8 +313,16 @@ public final class PostgresEngine: DatabaseEngine {
         return lease
     }
 
+    /// A holder returned its connection: a lease waiting without a holder gets one now.
     private func holderFinished(_ id: ObjectIdentifier) {
-        leases.withLock { _ = $0.holders.removeValue(forKey: id) }
+        leases.withLock { state in
+            state.holders[id] = nil
+            guard !state.closing, state.holders.count < maximumConnections else { return }
+            let waiting = state.pending.filter { $0.value.holder == nil }
+            guard let (next, pending) = waiting.min(by: { $0.value.started < $1.value.started }) else { return }
+            let holder = startHolder(for: pending.lease, &state)
+            state.pending[next]?.holder = holder
+        }
     }
 
     /// Runs while leases wait or connections are parked: a lease that waited `diagnoseAfter`
@@ -344,12 +366,12 @@ public final class PostgresEngine: DatabaseEngine {
                     "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",
                     host: endpoint.description
                 )
-                for pending in expired where pending.lease.abandon(timeout) { pending.holder.cancel() }
+                for pending in expired where pending.lease.abandon(timeout) { pending.holder?.cancel() }
             }
             if !toDiagnose.isEmpty {
                 Task.detached { [self] in
                     guard let failure = await diagnose() else { return }
-                    for pending in toDiagnose where pending.lease.abandon(failure) { pending.holder.cancel() }
+                    for pending in toDiagnose where pending.lease.abandon(failure) { pending.holder?.cancel() }
                 }
             }
         }
