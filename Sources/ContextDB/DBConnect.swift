@@ -157,7 +157,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     }
 
     /// The engine for `host`, created on first use. Concurrent first uses share one creation.
-    func engine(for host: String) async throws -> Engine {
+    nonisolated(nonsending) func engine(for host: String) async throws -> Engine {
         let slot = state.withLock { state -> EngineSlot in
             if let slot = state.engines[host] { return slot }
             let factory = makeEngine
@@ -195,7 +195,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     // MARK: - Sessions
 
     /// Creates a session outside any context: runs the hook, binds the chosen host. Connects nothing.
-    func makeSession() async throws -> DBSession<Engine> {
+    nonisolated(nonsending) func makeSession() async throws -> DBSession<Engine> {
         let selection = HostSelection(connect: ObjectIdentifier(self), host: host)
         if let beforeCreateSession {
             try await HostSelection.$current.withValue(selection) {
@@ -219,7 +219,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// - Returns: The context's session.
     /// - Throws: ``DBError/Code/noContext`` outside a context (note: `Task.detached` has none),
     ///   ``DBError/Code/hostNotSet``, or what `beforeCreateSession` throws.
-    public func session() async throws -> DBSession<Engine> {
+    nonisolated(nonsending) public func session() async throws -> DBSession<Engine> {
         if let session = try existingSession() { return session }
         let created = try await makeSession()
         return try requireContext().insert(created, for: self)

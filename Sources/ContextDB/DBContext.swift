@@ -166,7 +166,7 @@ public final class DBContext: Sendable {
     /// back and the error is rethrown. Sessions committed before the failure stay committed.
     /// - Parameter beforeCommit: Runs before each commit with the session about to commit.
     /// - Throws: What `beforeCommit` threw, or a ``DBError`` with code ``DBError/Code/commitFailed``.
-    public func commitAll(
+    nonisolated(nonsending) public func commitAll(
         beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil
     ) async throws {
         for session in sessions where session.isInTransaction {
@@ -181,7 +181,7 @@ public final class DBContext: Sendable {
     }
 
     /// Rolls back every open transaction. A connection whose rollback fails is closed, not pooled.
-    public func rollbackAll() async {
+    nonisolated(nonsending) public func rollbackAll() async {
         for session in sessions where session.isInTransaction {
             try? await session.rollback()
         }
@@ -189,7 +189,7 @@ public final class DBContext: Sendable {
 
     /// Closes every session: open transactions are rolled back, connections go back to their pool.
     /// The context stays usable; a later ``DBConnect/session()`` makes a new session.
-    public func closeAll() async {
+    nonisolated(nonsending) public func closeAll() async {
         let closing = state.withLock { state in
             defer { state.entries.removeAll() }
             return state.entries.map(\.session)
@@ -202,7 +202,7 @@ public final class DBContext: Sendable {
     ///   - statusCode: The HTTP status of the response.
     ///   - beforeCommit: Runs before each commit (see ``commitAll(beforeCommit:)``).
     /// - Throws: What ``commitAll(beforeCommit:)`` throws.
-    public func finish(
+    nonisolated(nonsending) public func finish(
         statusCode: Int,
         beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil
     ) async throws {
@@ -214,7 +214,7 @@ public final class DBContext: Sendable {
     }
 
     /// Ends the context: no new session can be made in it, and every session is closed.
-    public func end() async {
+    nonisolated(nonsending) public func end() async {
         state.withLock { $0.finished = true }
         await closeAll()
     }

@@ -159,7 +159,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
-    private func prepare() async throws -> DBLease<Engine> {
+    nonisolated(nonsending) private func prepare() async throws -> DBLease<Engine> {
         let (lease, inTransaction) = state.withLock { (Self.currentLease($0), $0.inTransaction) }
         guard let lease else { return try await acquire() }
         if !inTransaction { try await begin(lease) }
@@ -167,7 +167,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// Sends `BEGIN`; on failure the connection, in an unknown state, is closed rather than pooled.
-    private func begin(_ lease: DBLease<Engine>) async throws {
+    nonisolated(nonsending) private func begin(_ lease: DBLease<Engine>) async throws {
         do {
             if let shared {
                 let name = shared.nextSavepoint()
@@ -191,7 +191,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Leases a connection and begins a transaction. Until the session has had a connection, a
     /// host that fails either step is reported and the next candidate tried, so a host that went
     /// down (or a dead pooled connection) costs no failed request while another can serve.
-    private func acquire() async throws -> DBLease<Engine> {
+    nonisolated(nonsending) private func acquire() async throws -> DBLease<Engine> {
         let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
         let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
         var failures: [(host: String, error: any Error)] = []
@@ -241,7 +241,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         )
     }
 
-    private func enter() async throws {
+    nonisolated(nonsending) private func enter() async throws {
         if let shared {
             // Savepoint sessions share one connection: wait for it instead of failing, so
             // concurrent requests in a test are serialized, never interleaved.
@@ -273,7 +273,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         throw DBError(.sessionClosed, "this session was closed; ask the connect for a new one with session()", connect: label, host: host)
     }
 
-    private func leave() async {
+    nonisolated(nonsending) private func leave() async {
         if let shared {
             state.withLock { $0.busy = false }
             shared.unlock()
@@ -292,7 +292,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// Commits the open transaction, if any, and keeps the connection for the next one.
     /// - Throws: ``DBError/Code/commitFailed`` when `COMMIT` fails; nothing of the transaction is committed then.
-    public func commit() async throws {
+    nonisolated(nonsending) public func commit() async throws {
         try await enter()
         guard let lease = openTransaction() else { return await leave() }
         if state.withLock({ $0.transactionFailed }) {
@@ -323,7 +323,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Rolls the open transaction back, if any, and keeps the connection for the next one.
     ///
     /// If `ROLLBACK` itself fails the connection is closed instead of pooled, then the error is thrown.
-    public func rollback() async throws {
+    nonisolated(nonsending) public func rollback() async throws {
         try await enter()
         guard let lease = openTransaction() else { return await leave() }
         do {
@@ -341,7 +341,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ///
     /// The session refuses statements afterwards. When another task is running a statement on it,
     /// the connection is given back as soon as that statement ends.
-    public func close() async {
+    nonisolated(nonsending) public func close() async {
         if let shared {
             // A savepoint session is shared by the whole test: closing rolls back to its
             // savepoint and leaves it usable; the borrowed connection stays with its owner.
@@ -376,7 +376,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// Rolls back if needed, then releases. A connection whose rollback failed is not pooled.
-    private func finalRelease(_ lease: DBLease<Engine>) async {
+    nonisolated(nonsending) private func finalRelease(_ lease: DBLease<Engine>) async {
         let inTransaction = state.withLock { state in
             defer {
                 state.lease = nil
@@ -393,7 +393,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// Rolls the server transaction back after a failure; drops the connection if that fails too.
-    private func discardTransaction(_ lease: DBLease<Engine>) async {
+    nonisolated(nonsending) private func discardTransaction(_ lease: DBLease<Engine>) async {
         do {
             try await runRollback(lease)
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
@@ -409,7 +409,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// `ROLLBACK`, or for a savepoint session `ROLLBACK TO SAVEPOINT` then `RELEASE SAVEPOINT`.
-    private func runRollback(_ lease: DBLease<Engine>) async throws {
+    nonisolated(nonsending) private func runRollback(_ lease: DBLease<Engine>) async throws {
         guard shared != nil, let name = state.withLock({ $0.savepoint }) else {
             return try await lease.engine.execute(.rollback, on: lease.connection)
         }
@@ -417,7 +417,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         try await lease.engine.execute(.releaseSavepoint(name), on: lease.connection)
     }
 
-    private func dropConnection(_ lease: DBLease<Engine>) async {
+    nonisolated(nonsending) private func dropConnection(_ lease: DBLease<Engine>) async {
         if shared != nil {
             state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
             return
