@@ -122,7 +122,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     @inline(__always)
     static func currentLease(_ state: borrowing State) -> DBLease<Engine>? {
         guard let lease = state.lease else { return nil }
-        return unsafeBitCast(lease, to: DBLease<Engine>.self)
+        return unsafeDowncast(lease, to: DBLease<Engine>.self)
     }
     public var isClosed: Bool { liveness.isClosed }
 
