@@ -43,7 +43,6 @@ struct DBSessionState: Sendable {
     /// A statement of the open transaction failed: the server will not commit it.
     var transactionFailed = false
     var busy = false
-    var closed = false
     /// `close()` ran while a statement was running: the running operation releases.
     var releaseWhenIdle = false
     /// The savepoint that stands for the open transaction of a savepoint session.
@@ -251,13 +250,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             return
         }
         try state.withLock { state in
-            if state.closed {
-                throw DBError(
-                    .sessionClosed,
-                    "this session was closed; ask the connect for a new one with session()",
-                    connect: connect.label, host: state.host
-                )
-            }
+            // Set under this lock by close(), so reading it here is ordered with it.
+            if liveness.isClosed { try Self.closedError(connect.label, state.host) }
             if state.busy {
                 throw DBError(
                     .sessionBusy,
@@ -353,7 +347,6 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             return
         }
         let action = state.withLock { state -> DBLease<Engine>? in
-            state.closed = true
             liveness.close()
             if state.busy {
                 state.releaseWhenIdle = true

@@ -318,7 +318,7 @@ public final class PostgresEngine: DatabaseEngine {
         leases.withLock { state in
             state.holders[id] = nil
             guard !state.closing, state.holders.count < maximumConnections else { return }
-            let waiting = state.pending.filter { $0.value.holder == nil }
+            let waiting = state.pending.lazy.filter { $0.value.holder == nil }
             guard let (next, pending) = waiting.min(by: { $0.value.started < $1.value.started }) else { return }
             let holder = startHolder(for: pending.lease, &state)
             state.pending[next]?.holder = holder
