@@ -21,6 +21,8 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
             case invalidConfiguration
             case queryFailed
             case noHostAvailable
+            case connectionLost
+            case statementTimeout
         }
 
         let base: Base
@@ -55,6 +57,13 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         public static let queryFailed = Code(base: .queryFailed)
         /// Routing found no host fit to serve the session (no healthy primary, no fit replica).
         public static let noHostAvailable = Code(base: .noHostAvailable)
+        /// The server closed the session's connection (terminated, timed out, crashed or
+        /// restarted). The connection is discarded, never pooled; the work of its open
+        /// transaction is gone, and the session refuses statements until it is rolled back.
+        public static let connectionLost = Code(base: .connectionLost)
+        /// A statement ran longer than the connect's client-side statement timeout; it was
+        /// cancelled, or its connection closed when the server did not answer the cancel.
+        public static let statementTimeout = Code(base: .statementTimeout)
 
         public var description: String { base.rawValue }
     }

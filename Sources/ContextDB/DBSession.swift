@@ -39,14 +39,22 @@ struct DBSessionState: Sendable {
     var everLeased = false
     /// The `DBLease<Engine>` while the session holds a connection.
     var lease: (any AnyObject & Sendable)?
+    /// Whether a transaction is open — on the server, or lost with its connection (`lost`).
     var inTransaction = false
-    /// A statement of the open transaction failed: the server will not commit it.
-    var transactionFailed = false
+    /// The server closed the connection of the open transaction: its work is gone, and the
+    /// session refuses statements until the transaction is rolled back (or the session closed).
+    var lost: DBError?
     var busy = false
     /// `close()` ran while a statement was running: the running operation releases.
     var releaseWhenIdle = false
     /// The savepoint that stands for the open transaction of a savepoint session.
     var savepoint: String?
+
+    /// Forgets the open transaction (committed, rolled back, or lost with its connection).
+    mutating func endTransaction() {
+        inTransaction = false
+        lost = nil
+    }
 }
 
 /// A session's engine and leased connection, boxed: the session's state then has no generic
@@ -133,25 +141,39 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// - Parameter body: Work on the connection. It must not keep the connection.
     /// - Returns: What `body` returns.
     /// - Throws: ``DBError/Code/sessionBusy`` when another task is using the session,
-    ///   ``DBError/Code/sessionClosed`` after ``close()``, a lease or `BEGIN` failure, or what `body` throws.
+    ///   ``DBError/Code/sessionClosed`` after ``close()``, ``DBError/Code/connectionLost`` when the
+    ///   connection of the open transaction was lost (until the session is rolled back), a lease
+    ///   or `BEGIN` failure, or what `body` throws.
     ///
     /// > Warning: The connection belongs to the session: do not use it after `body` returns.
     public func withConnection<R>(
         isolation: isolated (any Actor)? = #isolation,
         _ body: (Engine.Connection) async throws -> R
     ) async throws -> R {
+        try await withLeasedConnection { _, connection in try await body(connection) }
+    }
+
+    /// Runs `body` with this session's engine and connection inside its transaction — for
+    /// engine modules, whose query functions run statements through their engine.
+    ///
+    /// Behaves as ``withConnection(isolation:_:)``. When `body` throws a ``DBError`` with code
+    /// ``DBError/Code/connectionLost``, the session discards the connection (it is never pooled)
+    /// and, if a transaction was open, remembers it as lost.
+    /// - Parameter body: Work on the connection. It must not keep the connection.
+    /// - Returns: What `body` returns.
+    /// - Throws: See ``withConnection(isolation:_:)``.
+    public func withLeasedConnection<R>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: (Engine, Engine.Connection) async throws -> R
+    ) async throws -> R {
         try await enter()
         do {
             let lease = try await prepare()
-            let result = try await body(lease.connection)
+            let result = try await body(lease.engine, lease.connection)
             await leave()
             return result
         } catch {
-            state.withLock { state in
-                if state.inTransaction, let lease = Self.currentLease(state), lease.engine.abortsTransaction(error) {
-                    state.transactionFailed = true
-                }
-            }
+            if let error = error as? DBError, error.code == .connectionLost { await connectionLost(error) }
             await leave()
             throw error
         }
@@ -159,9 +181,23 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
     nonisolated(nonsending) private func prepare() async throws -> DBLease<Engine> {
-        let (lease, inTransaction) = state.withLock { (Self.currentLease($0), $0.inTransaction) }
+        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
+        if let lost {
+            throw DBError(
+                .connectionLost,
+                "the connection of this session's open transaction was lost (\(lost.message)); its work is gone: roll back (or let the request end) and retry the transaction",
+                connect: connect.label, host: lost.host ?? host, underlying: lost
+            )
+        }
         guard let lease else { return try await acquire() }
-        if !inTransaction { try await begin(lease) }
+        if !inTransaction {
+            do {
+                try await begin(lease)
+            } catch let error as DBError where error.code == .connectionLost && shared == nil {
+                // No transaction was open on it: a fresh connection to the same host serves.
+                return try await acquire()
+            }
+        }
         return lease
     }
 
@@ -189,45 +225,31 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// Leases a connection and begins a transaction. Until the session has had a connection, a
     /// host that fails either step is reported and the next candidate tried, so a host that went
-    /// down (or a dead pooled connection) costs no failed request while another can serve.
+    /// down costs no failed request while another can serve. A pooled connection the server had
+    /// already closed (``DBError/Code/connectionLost`` at `BEGIN`) is replaced once on the same
+    /// host: nothing ran on it.
     nonisolated(nonsending) private func acquire() async throws -> DBLease<Engine> {
         let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
         let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
         var failures: [(host: String, error: any Error)] = []
         for host in hosts {
-            do {
-                let engine: Engine
-                let connection: Engine.Connection
+            var attempt = 0
+            while true {
+                attempt += 1
                 do {
-                    engine = try await connect.engine(for: host)
-                    connection = try await engine.leaseConnection()
-                } catch let error as DBError {
-                    throw error
+                    return try await lease(on: host)
                 } catch is CancellationError {
                     throw CancellationError()
+                } catch let error as DBError where error.code == .connectionLost && attempt == 1 {
+                    continue
                 } catch {
-                    throw DBError(
-                        .connectionFailed,
-                        "could not lease a connection; check that the server is up and the credentials are right",
-                        connect: connect.label, host: host, underlying: error
+                    let failure = error as? DBError ?? DBError(
+                        .connectionFailed, "BEGIN failed on a new connection", connect: connect.label, host: host, underlying: error
                     )
+                    onLeaseFailure?(host, failure)
+                    failures.append((host, error))
+                    break
                 }
-                let lease = DBLease(engine, connection)
-                state.withLock {
-                    $0.host = host
-                    $0.lease = lease
-                }
-                try await begin(lease)
-                state.withLock { $0.everLeased = true }
-                return lease
-            } catch is CancellationError {
-                throw CancellationError()
-            } catch {
-                let failure = error as? DBError ?? DBError(
-                    .connectionFailed, "BEGIN failed on a new connection", connect: connect.label, host: host, underlying: error
-                )
-                onLeaseFailure?(host, failure)
-                failures.append((host, error))
             }
         }
         if failures.count == 1 { throw failures[0].error }
@@ -238,6 +260,46 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             }.joined(separator: ", "),
             connect: connect.label, host: hosts.joined(separator: ","), underlying: failures.last?.error
         )
+    }
+
+    /// Leases a connection on `host` and begins a transaction on it.
+    nonisolated(nonsending) private func lease(on host: String) async throws -> DBLease<Engine> {
+        let engine: Engine
+        let connection: Engine.Connection
+        do {
+            engine = try await connect.engine(for: host)
+            connection = try await engine.leaseConnection()
+        } catch let error as DBError {
+            throw error
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            throw DBError(
+                .connectionFailed,
+                "could not lease a connection; check that the server is up and the credentials are right",
+                connect: connect.label, host: host, underlying: error
+            )
+        }
+        let lease = DBLease(engine, connection)
+        state.withLock {
+            $0.host = host
+            $0.lease = lease
+        }
+        try await begin(lease)
+        state.withLock { $0.everLeased = true }
+        return lease
+    }
+
+    /// The server closed the connection: it is discarded, never pooled; an open transaction is
+    /// remembered as lost, so no later statement runs outside it as if nothing happened.
+    nonisolated(nonsending) private func connectionLost(_ error: DBError) async {
+        let lease = state.withLock { state -> DBLease<Engine>? in
+            if state.inTransaction, state.lost == nil { state.lost = error }
+            guard shared == nil else { return nil }  // the borrowed connection is not ours to close
+            defer { state.lease = nil }
+            return Self.currentLease(state)
+        }
+        if let lease { await lease.engine.releaseConnection(lease.connection, reusable: false) }
     }
 
     nonisolated(nonsending) private func enter() async throws {
@@ -285,23 +347,41 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     // MARK: - Ending transactions
 
     /// Commits the open transaction, if any, and keeps the connection for the next one.
-    /// - Throws: ``DBError/Code/commitFailed`` when `COMMIT` fails; nothing of the transaction is committed then.
+    ///
+    /// Whether the transaction committed is the server's answer, not a count of failed
+    /// statements: a transaction recovered with `ROLLBACK TO SAVEPOINT` commits; one the server
+    /// aborted is answered with a rollback (PostgreSQL's `COMMIT` then returns the tag
+    /// `ROLLBACK`), which is reported as ``DBError/Code/commitFailed``.
+    /// - Throws: ``DBError/Code/commitFailed`` when the transaction did not commit: the server
+    ///   rolled it back, `COMMIT` failed, or the connection was lost (the message says whether
+    ///   `COMMIT` had been sent, when its outcome is unknown).
     nonisolated(nonsending) public func commit() async throws {
         try await enter()
-        guard let lease = openTransaction() else { return await leave() }
-        if state.withLock({ $0.transactionFailed }) {
-            await discardTransaction(lease)
+        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
+        guard inTransaction else { return await leave() }
+        guard lost == nil, let lease else {
+            state.withLock { $0.endTransaction() }
             await leave()
             throw DBError(
                 .commitFailed,
-                "a statement of this transaction failed, so the transaction was rolled back instead of committed; catch failures inside an atomic block, or roll back and retry",
-                connect: connect.label, host: host
+                "the connection of this transaction was lost before COMMIT (\(lost?.message ?? "no connection")); the server rolled it back, nothing of it was saved",
+                connect: connect.label, host: host, underlying: lost
             )
         }
         do {
             try await lease.engine.execute(commitStatement, on: lease.connection)
-            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            state.withLock { $0.endTransaction() }
             await leave()
+        } catch let error as DBError where error.code == .commitFailed {
+            // The server ended the transaction without committing it: nothing to roll back.
+            state.withLock { $0.endTransaction() }
+            await leave()
+            throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
+        } catch let error as DBError where error.code == .connectionLost {
+            await connectionLost(error)
+            state.withLock { $0.endTransaction() }
+            await leave()
+            throw DBError(.commitFailed, "COMMIT did not complete: \(error.message)", connect: connect.label, host: host, underlying: error)
         } catch {
             // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
             await discardTransaction(lease)
@@ -316,13 +396,25 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// Rolls the open transaction back, if any, and keeps the connection for the next one.
     ///
-    /// If `ROLLBACK` itself fails the connection is closed instead of pooled, then the error is thrown.
+    /// A transaction lost with its connection is already rolled back by the server: this only
+    /// forgets it. If `ROLLBACK` itself fails the connection is closed instead of pooled, then
+    /// the error is thrown.
     nonisolated(nonsending) public func rollback() async throws {
         try await enter()
-        guard let lease = openTransaction() else { return await leave() }
+        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
+        guard inTransaction else { return await leave() }
+        guard lost == nil, let lease else {
+            state.withLock { $0.endTransaction() }
+            return await leave()
+        }
         do {
             try await runRollback(lease)
-            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            state.withLock { $0.endTransaction() }
+            await leave()
+        } catch let error as DBError where error.code == .connectionLost {
+            // The server rolls back the transaction of a connection that ends.
+            await connectionLost(error)
+            state.withLock { $0.endTransaction() }
             await leave()
         } catch {
             await dropConnection(lease)
@@ -341,7 +433,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             // savepoint and leaves it usable; the borrowed connection stays with its owner.
             await shared.lock()
             if let lease = openTransaction() {
-                do { try await runRollback(lease) } catch { state.withLock { $0.inTransaction = false; $0.transactionFailed = false } }
+                do { try await runRollback(lease) } catch { state.withLock { $0.endTransaction() } }
             }
             shared.unlock()
             return
@@ -352,7 +444,10 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
                 state.releaseWhenIdle = true
                 return nil
             }
-            guard let lease = Self.currentLease(state) else { return nil }
+            guard let lease = Self.currentLease(state) else {
+                state.endTransaction()  // a transaction lost with its connection: nothing to release
+                return nil
+            }
             state.busy = true
             return lease
         }
@@ -363,7 +458,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     private func openTransaction() -> DBLease<Engine>? {
         state.withLock { state in
-            guard state.inTransaction else { return nil }
+            guard state.inTransaction, state.lost == nil else { return nil }
             return Self.currentLease(state)
         }
     }
@@ -373,8 +468,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         let inTransaction = state.withLock { state in
             defer {
                 state.lease = nil
-                state.inTransaction = false
-                state.transactionFailed = false
+                state.endTransaction()
             }
             return state.inTransaction
         }
@@ -389,7 +483,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     nonisolated(nonsending) private func discardTransaction(_ lease: DBLease<Engine>) async {
         do {
             try await runRollback(lease)
-            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            state.withLock { $0.endTransaction() }
         } catch {
             await dropConnection(lease)
         }
@@ -412,13 +506,12 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     nonisolated(nonsending) private func dropConnection(_ lease: DBLease<Engine>) async {
         if shared != nil {
-            state.withLock { $0.inTransaction = false; $0.transactionFailed = false }
+            state.withLock { $0.endTransaction() }
             return
         }
         state.withLock {
             $0.lease = nil
-            $0.inTransaction = false
-            $0.transactionFailed = false
+            $0.endTransaction()
         }
         await lease.engine.releaseConnection(lease.connection, reusable: false)
     }

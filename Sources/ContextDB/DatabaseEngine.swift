@@ -22,14 +22,17 @@ public protocol DatabaseEngine: Sendable {
     func releaseConnection(_ connection: Connection, reusable: Bool) async
 
     /// Runs a transaction control statement (`BEGIN`, `COMMIT`, `ROLLBACK`, savepoints).
+    ///
     /// - Parameters:
     ///   - statement: The statement to run.
     ///   - connection: A leased connection.
+    /// - Throws: For ``DBControlStatement/commit``, a ``DBError`` with code
+    ///   ``DBError/Code/commitFailed`` when the server ended the transaction without committing
+    ///   it (PostgreSQL answers `COMMIT` of an aborted transaction with the tag `ROLLBACK`): the
+    ///   session then knows the transaction is over. A ``DBError`` with code
+    ///   ``DBError/Code/connectionLost`` when the server closed the connection: the session
+    ///   discards it. Any other error for a statement that failed.
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws
-
-    /// Whether `error`, thrown by a statement while a transaction was open, means the server
-    /// aborted that transaction (see the default in the extension).
-    func abortsTransaction(_ error: any Error) -> Bool
 
     /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
     func shutdown() async
@@ -104,13 +107,4 @@ public enum DBIsolationLevel: String, Sendable, Hashable, CaseIterable {
         case .serializable: return "SERIALIZABLE"
         }
     }
-}
-
-extension DatabaseEngine {
-    /// Whether `error`, thrown while a transaction was open, means the server aborted that
-    /// transaction. ContextDB then refuses to report a later commit as a success.
-    ///
-    /// The default answers `true` for every error; engines that can tell a client-side error
-    /// (decoding a row, say) from a server one should refine it.
-    public func abortsTransaction(_ error: any Error) -> Bool { true }
 }

@@ -18,6 +18,13 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - options: Read-only, isolation level.
     ///   - maximumConnections: Each engine's pool size. Default 20.
     ///   - leaseTimeout: The longest a session waits for a connection. Default 30 seconds.
+    ///   - statementTimeout: The client-side deadline of each statement, `BEGIN`, `COMMIT` and
+    ///     `ROLLBACK`: cancelled at the deadline, its connection closed one second later if the
+    ///     server answers neither (see ``PostgresEngine/statementTimeout``). Default none.
+    ///   - resetsSessionState: Reset each released connection's session state (settings,
+    ///     advisory locks, temporary tables, `LISTEN`, cursors) before the next lease (see
+    ///     ``PostgresEngine/resetsSessionState``). Default `true`; turn it off only when no code
+    ///     changes session state.
     ///   - readYourWrites: Record the WAL position of each committed write in the request
     ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
@@ -29,6 +36,8 @@ extension DBConnect where Engine == PostgresEngine {
         options: DBSessionOptions = DBSessionOptions(),
         maximumConnections: Int = 20,
         leaseTimeout: Duration = .seconds(30),
+        statementTimeout: Duration? = nil,
+        resetsSessionState: Bool = true,
         readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil
@@ -46,8 +55,8 @@ extension DBConnect where Engine == PostgresEngine {
         ) { host in
             try PostgresEngine(
                 url: parsed, endpoint: PostgresEndpoint(parsing: host, defaultPort: parsed.endpoints[0].port),
-                maximumConnections: maximumConnections, leaseTimeout: leaseTimeout,
-                capturesCommitLSN: readYourWrites, logger: logger
+                maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
+                resetsSessionState: resetsSessionState, capturesCommitLSN: readYourWrites, logger: logger
             )
         }
     }

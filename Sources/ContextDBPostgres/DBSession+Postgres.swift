@@ -13,13 +13,15 @@ extension DBSession where Engine == PostgresEngine {
     ///   - logger: Where PostgresNIO logs the query. Default: the engine's logger.
     /// - Returns: Every row, already read off the connection.
     /// - Throws: ``DBError`` — ``DBError/Code/readOnlySession`` for a write in a read-only session,
-    ///   ``DBError/Code/queryFailed`` (with the server's message and SQLSTATE) for other server errors.
+    ///   ``DBError/Code/queryFailed`` (with the server's message and SQLSTATE) for other server errors,
+    ///   ``DBError/Code/connectionLost`` when the server closed the connection (the transaction's
+    ///   work is gone; see ``DBSession/withLeasedConnection(isolation:_:)``),
+    ///   ``DBError/Code/statementTimeout`` past the connect's statement timeout.
     @discardableResult
     public func query(_ query: PostgresQuery, logger: Logger? = nil) async throws -> [PostgresRow] {
-        try await withConnection { connection in
+        try await withLeasedConnection { engine, connection in
             do {
-                let rows = try await connection.query(query, logger: logger ?? connection.logger)
-                return try await rows.collect()
+                return try await engine.query(query, on: connection, logger: logger ?? engine.logger).rows
             } catch {
                 throw mapped(error)
             }
@@ -53,6 +55,10 @@ extension DBSession where Engine == PostgresEngine {
     }
 
     private func mapped(_ error: any Error) -> any Error {
+        if var error = error as? DBError {
+            error.connect = connectLabel
+            return error
+        }
         guard let error = error as? PSQLError, error.code == .server else { return error }
         let state = error.serverInfo?[.sqlState] ?? "?"
         let message = error.serverInfo?[.message] ?? "no message"

@@ -17,6 +17,12 @@ import Synchronization
 /// connect timeout, if shorter) therefore probes the server once with a direct connection; if
 /// the probe fails, the lease fails with the server's reason. A lease that gets no connection
 /// within ``leaseTimeout`` fails too.
+///
+/// No statement waits forever: one on a connection the server closed fails at once with
+/// ``ContextDB/DBError/Code/connectionLost`` (the connection is discarded), and with a
+/// ``statementTimeout`` a statement past its deadline is cancelled, then its connection closed.
+/// A connection released clean has its session state reset (``resetsSessionState``) before the
+/// next lease gets it.
 public final class PostgresEngine: DatabaseEngine {
     public typealias Connection = PostgresConnection
 
@@ -32,6 +38,21 @@ public final class PostgresEngine: DatabaseEngine {
     /// context (``ContextDB/DBContext/consistencyToken``) for read-your-own-writes. It costs one
     /// round trip per commit, and one more when the transaction wrote.
     public let capturesCommitLSN: Bool
+    /// The client-side deadline of every statement (the session's, `BEGIN`, `COMMIT`,
+    /// `ROLLBACK`); `nil` for none. At the deadline the engine sends a cancel request
+    /// (`pg_cancel_backend`, from a connection of its own), and when the server answers neither
+    /// within ``cancelGrace`` — a frozen host — it closes the connection. The statement then fails
+    /// with ``ContextDB/DBError/Code/statementTimeout`` or ``ContextDB/DBError/Code/connectionLost``.
+    public let statementTimeout: Duration?
+    /// Whether a connection released clean is reset before the next lease: `RESET ALL`, `SET
+    /// SESSION AUTHORIZATION DEFAULT`, advisory locks released, temporary tables dropped, `LISTEN`
+    /// channels and open (`WITH HOLD`) cursors closed — what PostgreSQL's `DISCARD ALL` does, but
+    /// keeping the connection's prepared statements. One round trip, run after the release,
+    /// not on the request's path. A connection whose reset fails is closed.
+    public let resetsSessionState: Bool
+    /// How long after a statement's cancel request the engine waits for an answer before it
+    /// closes the connection: one second.
+    public static let cancelGrace = Duration.seconds(1)
 
     /// A lease still waiting for its connection, watched by the engine's watchdog.
     private struct Pending: Sendable {
@@ -80,22 +101,29 @@ public final class PostgresEngine: DatabaseEngine {
     /// `nil` when that cannot be derived (then no probe sends credentials anywhere).
     private let probeConfiguration: PostgresConnection.Configuration?
     private let probe = Mutex<(task: Task<DBError?, Never>, started: ContinuousClock.Instant)?>(nil)
+    /// Backend process IDs of the pool's connections, for cancel requests (learnt only when a
+    /// statement timeout is set). An entry goes when its connection closes.
+    private let backendPIDs = Mutex<[ObjectIdentifier: Int32]>([:])
 
     /// Creates an engine for a server and starts its pool. Connects nothing yet.
     /// - Parameters:
     ///   - configuration: PostgresNIO's client configuration (host, credentials, TLS, pool size).
     ///   - leaseTimeout: The longest a lease may wait for a connection. Default 30 seconds.
+    ///   - statementTimeout: The client-side deadline of every statement (see ``statementTimeout``). Default none.
+    ///   - resetsSessionState: Reset a released connection's session state (see ``resetsSessionState``). Default `true`.
     ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
     ///   - logger: Where the engine logs. Default: label `ContextDB.Postgres`.
     public convenience init(
         configuration: PostgresClient.Configuration,
         leaseTimeout: Duration = .seconds(30),
+        statementTimeout: Duration? = nil,
+        resetsSessionState: Bool = true,
         capturesCommitLSN: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) {
         self.init(
-            configuration: configuration, probe: nil, leaseTimeout: leaseTimeout,
-            capturesCommitLSN: capturesCommitLSN, logger: logger
+            configuration: configuration, probe: nil, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
+            resetsSessionState: resetsSessionState, capturesCommitLSN: capturesCommitLSN, logger: logger
         )
     }
 
@@ -105,6 +133,8 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - endpoint: Which server; default the URI's first.
     ///   - maximumConnections: The pool's size. Default 20.
     ///   - leaseTimeout: The longest a lease may wait for a connection. Default 30 seconds.
+    ///   - statementTimeout: The client-side deadline of every statement (see ``statementTimeout``). Default none.
+    ///   - resetsSessionState: Reset a released connection's session state (see ``resetsSessionState``). Default `true`.
     ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
     ///   - logger: Where the engine logs.
     /// - Throws: ``DBError/Code/invalidConfiguration`` when the TLS settings cannot be built.
@@ -113,6 +143,8 @@ public final class PostgresEngine: DatabaseEngine {
         endpoint: PostgresEndpoint? = nil,
         maximumConnections: Int = 20,
         leaseTimeout: Duration = .seconds(30),
+        statementTimeout: Duration? = nil,
+        resetsSessionState: Bool = true,
         capturesCommitLSN: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) throws {
@@ -129,8 +161,8 @@ public final class PostgresEngine: DatabaseEngine {
             )
         }
         self.init(
-            configuration: configuration, probe: probe, leaseTimeout: leaseTimeout,
-            capturesCommitLSN: capturesCommitLSN, logger: logger
+            configuration: configuration, probe: probe, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
+            resetsSessionState: resetsSessionState, capturesCommitLSN: capturesCommitLSN, logger: logger
         )
     }
 
@@ -138,10 +170,14 @@ public final class PostgresEngine: DatabaseEngine {
         configuration: PostgresClient.Configuration,
         probe: PostgresConnection.Configuration?,
         leaseTimeout: Duration,
+        statementTimeout: Duration?,
+        resetsSessionState: Bool,
         capturesCommitLSN: Bool,
         logger: Logger
     ) {
         self.capturesCommitLSN = capturesCommitLSN
+        self.statementTimeout = statementTimeout
+        self.resetsSessionState = resetsSessionState
         self.endpoint = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
         var logger = logger
         logger[metadataKey: "db.host"] = "\(endpoint)"
@@ -230,6 +266,7 @@ public final class PostgresEngine: DatabaseEngine {
         let holder = Task.detached { [client, self] in
             do {
                 try await client.withConnection { connection in
+                    await learnBackendPID(of: connection)
                     guard lease.deliver(connection) else { return }
                     await hold(connection, lease)
                 }
@@ -247,8 +284,8 @@ public final class PostgresEngine: DatabaseEngine {
     private func hold(_ connection: PostgresConnection, _ first: PostgresLease) async {
         var lease = first
         while true {
-            guard await lease.waitForRelease() else {
-                // Possibly inside a transaction: never let the next borrower inherit it.
+            guard await lease.waitForRelease(), await reset(connection) else {
+                // Possibly inside a transaction, or not reset: never let the next borrower inherit it.
                 try? await connection.close()
                 return
             }
@@ -377,18 +414,39 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
+    /// Runs a transaction control statement, bounded by ``statementTimeout``.
+    ///
+    /// - Throws: For `COMMIT`, ``ContextDB/DBError/Code/commitFailed`` when the server answers
+    ///   with the tag `ROLLBACK` (it rolled back an aborted transaction); when the connection is
+    ///   lost while `COMMIT` runs, ``ContextDB/DBError/Code/connectionLost`` saying that the
+    ///   outcome is unknown. See ``query(_:on:logger:)`` for the rest.
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
-        guard statement == .commit, capturesCommitLSN else {
-            _ = try await connection.query(PostgresQuery(unsafeSQL: statement.sql), logger: logger)
+        guard statement == .commit else {
+            _ = try await query(PostgresQuery(unsafeSQL: statement.sql), on: connection, logger: logger)
             return
         }
-        let wrote = try await connection.query(Self.wroteQuery, logger: logger).collect().first?.decode(Bool.self) ?? false
-        _ = try await connection.query(PostgresQuery(unsafeSQL: statement.sql), logger: logger)
+        let wrote = capturesCommitLSN
+            ? try await query(Self.wroteQuery, on: connection, logger: logger).first?.decode(Bool.self) ?? false
+            : false
+        let result: PostgresQueryResult
+        do {
+            result = try await query(Self.commitQuery, on: connection, logger: logger)
+        } catch var error as DBError where error.code == .connectionLost && !error.message.contains("before the statement") {
+            error.message += "; COMMIT had been sent, so whether the transaction committed is unknown: check before retrying"
+            throw error
+        }
+        if result.metadata.command == "ROLLBACK" {
+            throw DBError(
+                .commitFailed,
+                "the server rolled the transaction back instead of committing it: a statement of it failed and was not undone with ROLLBACK TO SAVEPOINT; nothing of it was saved",
+                host: endpoint.description
+            )
+        }
         guard wrote else { return }
         // After COMMIT: the commit record is before this position, so a replica that replayed
         // up to it sees the transaction.
         do {
-            let text = try await connection.query(Self.positionQuery, logger: logger).collect().first?.decode(String.self)
+            let text = try await query(Self.positionQuery, on: connection, logger: logger).first?.decode(String.self)
             if let text, let position = PostgresLSN(text) {
                 DBContext.current?.advanceConsistencyToken(to: position)
             }
@@ -397,6 +455,29 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
+    /// Runs one statement on a connection this engine leased and collects its rows, bounded by
+    /// ``statementTimeout`` and never waiting on a connection the server closed.
+    /// - Parameters:
+    ///   - query: The statement; interpolated values are bound parameters.
+    ///   - connection: A connection of this engine.
+    ///   - logger: Where PostgresNIO logs the statement.
+    /// - Returns: The rows and the command tag (`result.metadata.command`).
+    /// - Throws: ``ContextDB/DBError/Code/connectionLost`` when the server closed the connection
+    ///   (with its message and SQLSTATE when it sent one: 57P01, 25P03, 40001…),
+    ///   ``ContextDB/DBError/Code/statementTimeout`` when the deadline cancelled the statement,
+    ///   else PostgresNIO's `PSQLError`.
+    public func query(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
+        var cancel: (@Sendable () -> Void)?
+        if statementTimeout != nil {
+            let id = ObjectIdentifier(connection)
+            cancel = { [self] in cancelStatement(on: id) }
+        }
+        return try await connection.guardedQuery(
+            query, host: endpoint.description, logger: logger, timeout: statementTimeout, cancel: cancel
+        )
+    }
+
+    private static let commitQuery: PostgresQuery = "COMMIT"
     private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 
@@ -412,10 +493,6 @@ public final class PostgresEngine: DatabaseEngine {
             if idle { continuation.resume() }
         }
         await shutdown()
-    }
-
-    public func abortsTransaction(_ error: any Error) -> Bool {
-        !(error is PostgresDecodingError)
     }
 
     public func shutdown() async {
@@ -442,6 +519,73 @@ public final class PostgresEngine: DatabaseEngine {
         runTask.cancel()
         await runTask.value
         for holder in leases.withLock({ Array($0.holders.values) }) { await holder.value }
+    }
+
+    // MARK: - Session state and cancel requests
+
+    /// What a released connection runs before the next lease: `DISCARD ALL` without
+    /// `DEALLOCATE ALL` and `DISCARD PLANS`, which would drop the connection's prepared
+    /// statements (PostgreSQL docs, "DISCARD"). One round trip: a `DO` block, as the extended
+    /// query protocol takes one statement at a time.
+    static let resetQuery: PostgresQuery = """
+        DO $contextdb_reset$ BEGIN
+          EXECUTE 'CLOSE ALL';
+          EXECUTE 'SET SESSION AUTHORIZATION DEFAULT';
+          EXECUTE 'RESET ALL';
+          EXECUTE 'UNLISTEN *';
+          PERFORM pg_advisory_unlock_all();
+          EXECUTE 'DISCARD TEMP';
+          EXECUTE 'DISCARD SEQUENCES';
+        END $contextdb_reset$
+        """
+
+    /// The longest the reset may take when no statement timeout is set.
+    private static let resetTimeout = Duration.seconds(5)
+
+    /// Resets a connection released clean (see ``resetsSessionState``); `false` when it must be closed.
+    private func reset(_ connection: PostgresConnection) async -> Bool {
+        guard resetsSessionState else { return !connection.isClosed }
+        do {
+            _ = try await connection.guardedQuery(
+                Self.resetQuery, host: endpoint.description, logger: logger, timeout: statementTimeout ?? Self.resetTimeout
+            )
+            return true
+        } catch {
+            logger.debug("could not reset a released connection; closing it", metadata: ["error": "\(String(reflecting: error))"])
+            return false
+        }
+    }
+
+    /// Learns the backend process ID of a pool connection once, when statements have a
+    /// deadline, so that a cancel request can name it.
+    private func learnBackendPID(of connection: PostgresConnection) async {
+        guard let statementTimeout else { return }
+        let id = ObjectIdentifier(connection)
+        guard backendPIDs.withLock({ $0[id] }) == nil else { return }
+        guard let pid = try? await connection.guardedQuery(
+            Self.backendPIDQuery, host: endpoint.description, logger: logger, timeout: statementTimeout
+        ).first?.decode(Int32.self) else { return }
+        backendPIDs.withLock { $0[id] = pid }
+        connection.closeFuture.whenComplete { [self] _ in
+            backendPIDs.withLock { _ = $0.removeValue(forKey: id) }
+        }
+    }
+
+    private static let backendPIDQuery: PostgresQuery = "SELECT pg_backend_pid()"
+
+    /// Asks the server to cancel what the connection's backend runs (`pg_cancel_backend`, from
+    /// a direct connection of the engine's; PostgreSQL docs, "Server Signaling Functions").
+    /// Called from an event-loop timer, which has no task to run in: the request gets a task of
+    /// its own, bounded by the connect timeout, and its answer is not awaited — when the server
+    /// does not act, the statement's connection is closed after ``cancelGrace`` anyway.
+    private func cancelStatement(on connection: ObjectIdentifier) {
+        guard let probeConfiguration, let pid = backendPIDs.withLock({ $0[connection] }) else { return }
+        logger.info("statement timeout: sending a cancel request", metadata: ["db.backend_pid": "\(pid)"])
+        Task.detached { [logger] in
+            guard let canceller = try? await PostgresConnection.connect(configuration: probeConfiguration, id: 0, logger: logger) else { return }
+            _ = try? await canceller.query("SELECT pg_cancel_backend(\(pid))", logger: logger)
+            try? await canceller.close()
+        }
     }
 
     // MARK: - Diagnosis

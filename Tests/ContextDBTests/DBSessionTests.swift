@@ -73,10 +73,112 @@ import TestSupport
                 try? await session.execute("BAD")  // swallowed: the server aborted the transaction
             }
         }
-        #expect(error?.message.contains("rolled back") == true)
+        // The server decides: its COMMIT of an aborted transaction is a rollback.
+        #expect(error?.message.contains("rolled") == true)
         #expect(database.committedRows == 0)
-        #expect(!database.statements.contains("c1: COMMIT"))
+        #expect(database.statements == ["c1: BEGIN", "c1: INSERT", "c1: BAD", "c1: COMMIT"])
         #expect(database.leasedCount == 0)
+    }
+
+    @Test func aSwallowedFailureFailsTheEndOfAnAtomicBlock() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        database.failNext("BAD")
+        try await withDBContext {
+            await expectDBError(.commitFailed) {
+                try await connect.atomic(.commit) { session in
+                    try await session.execute("INSERT")
+                    try? await session.execute("BAD")
+                }
+            }
+            try await connect.session().execute("INSERT")  // the session serves the next transaction
+        }
+        #expect(database.committedRows == 1)
+    }
+
+    @Test func aTransactionRecoveredWithASavepointCommits() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        database.failNext("BAD")
+        try await withDBContext {
+            let session = try await connect.session()
+            try await session.execute("INSERT")
+            try await session.execute("SAVEPOINT s")
+            await #expect(throws: FakeError.statementFailed("BAD")) { try await session.execute("BAD") }
+            try await session.execute("ROLLBACK TO SAVEPOINT s")
+            try await session.execute("INSERT")
+        }
+        #expect(database.committedRows == 2)
+    }
+
+    @Test func aConnectionTheServerEndedFailsTheTransactionAndIsNeverPooled() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(label: "primary", database: database)
+        let error = await expectDBError(.commitFailed) {
+            try await withDBContext {
+                let session = try await connect.session()
+                try await session.execute("INSERT")
+                database.terminateLeasedConnections()
+                let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT") }
+                #expect(lost?.host == "db1")
+                #expect(!session.hasConnection)
+                #expect(session.isInTransaction)
+                // No statement runs outside the lost transaction as if nothing happened.
+                await expectDBError(.connectionLost) { try await session.execute("INSERT") }
+            }
+        }
+        #expect(error?.connect == "primary")
+        #expect(error?.message.contains("lost") == true)
+        #expect(database.committedRows == 0)
+        #expect(database.log.contains("release c1 broken"))
+        #expect(database.leasedCount == 0)
+        // The next request on the same connect works.
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        #expect(database.committedRows == 1)
+    }
+
+    @Test func aLostTransactionIsForgottenByARollback() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        try await withDBContext {
+            let session = try await connect.session()
+            try await session.execute("INSERT")
+            database.terminateLeasedConnections()
+            await expectDBError(.connectionLost) { try await session.execute("SELECT") }
+            try await session.rollback()
+            try await session.execute("INSERT")
+        }
+        #expect(database.committedRows == 1)
+        #expect(database.leasedCount == 0)
+    }
+
+    @Test func aConnectionEndedBetweenTransactionsIsReplacedBeforeBegin() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        try await withDBContext {
+            let session = try await connect.session()
+            try await session.execute("INSERT")
+            try await session.commit()
+            database.terminateLeasedConnections()
+            try await session.execute("INSERT")  // nothing was open: a new connection serves
+        }
+        #expect(database.committedRows == 2)
+        #expect(database.log.contains("release c1 broken"))
+        #expect(database.statements.suffix(3) == ["c2: BEGIN", "c2: INSERT", "c2: COMMIT"])
+    }
+
+    @Test func aCommitOnAConnectionTheServerEndedFails() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        await expectDBError(.commitFailed) {
+            try await withDBContext {
+                try await connect.session().execute("INSERT")
+                database.terminateLeasedConnections()
+            }
+        }
+        #expect(database.committedRows == 0)
+        #expect(database.leasedCount == 0)
+        #expect(database.log.contains("release c1 broken"))
     }
 
     @Test func aRollbackAfterAFailedStatementRecovers() async throws {

@@ -16,6 +16,12 @@ final class FakeDatabase: Sendable {
         var failures: Set<String> = []
         /// Hosts whose engine factory throws.
         var unreachableHosts: Set<String> = []
+        /// Connections inside a transaction, and those whose transaction a failed statement
+        /// aborted (as PostgreSQL does: only `ROLLBACK` or `ROLLBACK TO SAVEPOINT` recovers).
+        var inTransaction: Set<Int> = []
+        var aborted: Set<Int> = []
+        /// Connections the "server" closed: every statement on them fails with `connectionLost`.
+        var closedByServer: Set<Int> = []
         var gates: [Int: CheckedContinuation<Void, Never>] = [:]
         var waitingForGate: [CheckedContinuation<Void, Never>] = []
     }
@@ -36,6 +42,17 @@ final class FakeDatabase: Sendable {
         }
     }
     func failNext(_ statement: String) { state.withLock { _ = $0.failures.insert(statement) } }
+    /// Ends every leased connection, as `pg_terminate_backend` would: open transactions are lost.
+    func terminateLeasedConnections() {
+        state.withLock { state in
+            for id in state.leased {
+                state.closedByServer.insert(id)
+                state.pendingRows[id] = nil
+                state.inTransaction.remove(id)
+                state.aborted.remove(id)
+            }
+        }
+    }
 
     /// The statements run so far, without leases and releases, e.g. `["c1: BEGIN", "c1: INSERT"]`.
     var statements: [String] { log.filter { !$0.hasPrefix("lease") && !$0.hasPrefix("release") } }
@@ -60,13 +77,35 @@ final class FakeDatabase: Sendable {
             }
         }
         try state.withLock { state in
-            state.log.append("c\(connection.id): \(sql)")
-            if state.failures.remove(sql) != nil { throw FakeError.statementFailed(sql) }
+            let id = connection.id
+            if state.closedByServer.contains(id) {
+                state.log.append("c\(id): \(sql) (lost)")
+                throw DBError(.connectionLost, "the server closed the connection", host: connection.host)
+            }
+            state.log.append("c\(id): \(sql)")
+            let recovers = sql == "ROLLBACK" || sql.hasPrefix("ROLLBACK TO SAVEPOINT")
+            if state.aborted.contains(id), !recovers, sql != "COMMIT" {
+                throw FakeError.statementFailed("current transaction is aborted")
+            }
+            if state.failures.remove(sql) != nil {
+                if state.inTransaction.contains(id) { state.aborted.insert(id) }
+                throw FakeError.statementFailed(sql)
+            }
             switch sql {
-            case "INSERT": state.pendingRows[connection.id, default: 0] += 1
+            case _ where sql.hasPrefix("BEGIN"): state.inTransaction.insert(id)
+            case "INSERT": state.pendingRows[id, default: 0] += 1
             case "COMMIT":
-                state.committedRows += state.pendingRows.removeValue(forKey: connection.id) ?? 0
-            case "ROLLBACK": state.pendingRows[connection.id] = nil
+                state.inTransaction.remove(id)
+                if state.aborted.remove(id) != nil {
+                    state.pendingRows[id] = nil
+                    throw DBError(.commitFailed, "the server rolled the transaction back", host: connection.host)
+                }
+                state.committedRows += state.pendingRows.removeValue(forKey: id) ?? 0
+            case "ROLLBACK":
+                state.pendingRows[id] = nil
+                state.inTransaction.remove(id)
+                state.aborted.remove(id)
+            case _ where recovers: state.aborted.remove(id)
             default: break
             }
         }

@@ -1,0 +1,192 @@
+import ContextDB
+import ContextDBPostgres
+import PostgresNIO
+import Testing
+import TestSupport
+
+/// Faults of the issue "A request never hangs…", against the real primary: connections the
+/// server ends, session state left on pooled connections, savepoint recovery, statement deadlines.
+/// The suite's time limit is the hang detector: before the fixes these tests never returned.
+@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
+struct ServerFaultTests {
+    /// Runs `body` with `connect`, and closes it afterwards.
+    private func using<R>(_ connect: DBConnect<PostgresEngine>, _ body: () async throws -> R) async throws -> R {
+        do {
+            let result = try await body()
+            await connect.close()
+            return result
+        } catch {
+            await connect.close()
+            throw error
+        }
+    }
+
+    /// The backend process ID of the session's connection.
+    private func backendPID(_ session: DBSession<PostgresEngine>) async throws -> Int32 {
+        try await session.queryValue("SELECT pg_backend_pid()", as: Int32.self)!
+    }
+
+    /// Ends a backend from another connection, and waits until it is gone.
+    private func terminate(_ pid: Int32, through connect: DBConnect<PostgresEngine>) async throws {
+        try await connect.withSession { session in
+            _ = try await session.queryValue("SELECT pg_terminate_backend(\(pid), 5000)", as: Bool.self)
+        }
+    }
+
+    @Test(arguments: ["SELECT 1", "COMMIT"])
+    func aStatementOnABackendTheServerTerminatedFailsAndTheConnectStillWorks(next: String) async throws {
+        try await Fixture.with(maximumConnections: 2) { (fixture: Fixture) async throws in
+            let error = await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await fixture.primary.session()
+                    try await fixture.insert(session, "lost")
+                    try await terminate(try await backendPID(session), through: fixture.primary)
+                    if next == "SELECT 1" {
+                        let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
+                        #expect(lost?.host == "\(TestCluster.host):\(TestCluster.port)")
+                        #expect(lost?.connect == "primary")
+                        #expect(lost?.message.contains("closed the connection") == true)
+                    }
+                }  // the end-of-request COMMIT
+            }
+            #expect(error?.message.contains("lost") == true || error?.message.contains("closed") == true)
+            #expect(try await fixture.count() == 0)
+            #expect(fixture.primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
+            // The next request on the same connect works.
+            try await withDBContext { try await fixture.insert(fixture.primary.session(), "next") }
+            #expect(try await fixture.count() == 1)
+        }
+    }
+
+    @Test func anIdleInTransactionTimeoutEndsTheTransactionWithAClearError() async throws {
+        try await Fixture.with(maximumConnections: 2) { (fixture: Fixture) async throws in
+            await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await fixture.primary.session()
+                    try await session.execute("SET idle_in_transaction_session_timeout = '50ms'")
+                    try await fixture.insert(session, "timed out")
+                    try await Task.sleep(for: .milliseconds(500))  // the server ends the backend (25P03)
+                    await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
+                }
+            }
+            #expect(try await fixture.count() == 0)
+            try await withDBContext { try await fixture.insert(fixture.primary.session(), "next") }
+            #expect(try await fixture.count() == 1)
+        }
+    }
+
+    @Test func aBackendTerminatedWhileAStatementRunsFailsWithTheServersReason() async throws {
+        try await Fixture.with(maximumConnections: 2) { (fixture: Fixture) async throws in
+            try await withDBContext {
+                let session = try await fixture.primary.session()
+                let pid = try await backendPID(session)
+                async let killed: Void = {
+                    try await Task.sleep(for: .milliseconds(300))
+                    try await terminate(pid, through: fixture.primary)
+                }()
+                let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT pg_sleep(30)") }
+                try await killed
+                #expect(lost?.message.contains("57P01") == true)
+                try await session.rollback()  // forgets the lost transaction
+                #expect(try await session.queryValue("SELECT 1", as: Int.self) == 1)
+            }
+        }
+    }
+
+    @Test func theNextBorrowerGetsACleanSession() async throws {
+        let connect = try DBConnect(url: TestCluster.primaryURL, maximumConnections: 1)
+        try await using(connect) {
+        let first = try await withDBContext {
+            let session = try await connect.session()
+            try await session.execute("SET statement_timeout = '4321ms'")
+            try await session.execute("SET application_name = 'x'")
+            _ = try await session.query("SELECT pg_advisory_lock(42)")
+            try await session.execute("CREATE TEMP TABLE contextdb_reset_probe (i int)")
+            try await session.execute("LISTEN contextdb_reset_channel")
+            try await session.execute("DECLARE contextdb_cursor CURSOR WITH HOLD FOR SELECT 1")
+            return try await backendPID(session)
+        }
+        let (second, state) = try await withDBContext {
+            let session = try await connect.session()
+            return (
+                try await backendPID(session),
+                try await session.queryFirst("""
+                    SELECT current_setting('statement_timeout'), current_setting('application_name'),
+                           (SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()),
+                           to_regclass('pg_temp.contextdb_reset_probe') IS NULL,
+                           (SELECT count(*)::int FROM pg_listening_channels()),
+                           (SELECT count(*)::int FROM pg_cursors WHERE name = 'contextdb_cursor')
+                    """)!.decode((String, String, Int, Bool, Int, Int).self)
+            )
+        }
+        #expect(second == first, "a pool of one hands the same backend on")
+        #expect(state.0 == "0")
+        #expect(state.1 != "x")
+        #expect(state.2 == 0, "advisory locks released")
+        #expect(state.3, "temporary table dropped")
+        #expect(state.4 == 0, "LISTEN channels closed")
+        #expect(state.5 == 0, "cursors closed")
+        }
+    }
+
+    @Test func theResetCanBeTurnedOff() async throws {
+        let connect = try DBConnect(url: TestCluster.primaryURL, maximumConnections: 1, resetsSessionState: false)
+        try await using(connect) {
+            try await withDBContext { try await connect.session().execute("SET statement_timeout = '4321ms'") }
+            let timeout = try await withDBContext {
+                try await connect.session().queryValue("SHOW statement_timeout", as: String.self)
+            }
+            #expect(timeout == "4321ms")
+        }
+    }
+
+    @Test func aTransactionRecoveredWithASavepointCommitsBothRows() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            try await withDBContext {
+                let session = try await fixture.primary.session()
+                try await fixture.insert(session, "a")
+                try await session.execute("SAVEPOINT s")
+                await expectDBError(.queryFailed) { try await session.execute("SELECT 1 / 0") }
+                try await session.execute("ROLLBACK TO SAVEPOINT s")
+                try await fixture.insert(session, "b")
+            }
+            #expect(try await fixture.count() == 2)
+        }
+    }
+
+    @Test func aSwallowedFailureStillFailsTheCommit() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            let error = await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await fixture.primary.session()
+                    try await fixture.insert(session, "a")
+                    try? await session.execute("SELECT 1 / 0")
+                }
+            }
+            #expect(error?.message.contains("rolled the transaction back") == true)
+            await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    try await fixture.primary.atomic { session in
+                        try await fixture.insert(session, "b")
+                        try? await session.execute("SELECT 1 / 0")
+                    }
+                }
+            }
+            #expect(try await fixture.count() == 0)
+            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+        }
+    }
+
+    @Test func aStatementPastTheStatementTimeoutIsCancelled() async throws {
+        let connect = try DBConnect(url: TestCluster.primaryURL, maximumConnections: 2, statementTimeout: .milliseconds(300))
+        try await using(connect) {
+        try await withDBContext {
+            let session = try await connect.session()
+            let error = await expectDBError(.statementTimeout) { try await session.execute("SELECT pg_sleep(20)") }
+            #expect(error?.sqlState == "57014")
+            try await session.rollback()
+            #expect(try await session.queryValue("SELECT 1", as: Int.self) == 1)  // the connection still serves
+        }
+        }
+    }
+}
