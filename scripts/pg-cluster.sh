@@ -3,6 +3,7 @@
 #
 # Usage: scripts/pg-cluster.sh start|stop|status|env|promote [N]|stop-replica [N]|start-replica [N]
 #                              |stop-primary|start-primary|pause-replay [N]|resume-replay [N]
+#                              |freeze-replica [N]|thaw-replica [N]
 #
 #   start          initialise (first time) and start the primary and its replicas; idempotent
 #   stop           stop every server and delete the data folder; idempotent
@@ -12,6 +13,8 @@
 #   stop-replica [N], start-replica [N]     stop or start replica N (default 1)
 #   stop-primary, start-primary             stop or start the (original) primary
 #   pause-replay [N], resume-replay [N]     pause or resume WAL replay on replica N
+#   freeze-replica [N], thaw-replica [N]    SIGSTOP / SIGCONT replica N's postmaster and its
+#                  processes: a frozen host, which accepts TCP connections and answers nothing
 #
 # Settings (environment, with defaults):
 #   PG_CLUSTER_DIR   data folder             ${TMPDIR:-/tmp}/contextdb-pg-$PG_PRIMARY_PORT
@@ -98,6 +101,19 @@ start_server() { # dir
 stop_server() { # dir
     is_running "$1" || return 0
     as_user "$BIN/pg_ctl" -D "$1" -m fast -w -t 60 stop >/dev/null
+}
+
+signal_server() { # dir signal — the postmaster of this data folder and its children only
+    local pid
+    pid=$(head -1 "$1/postmaster.pid")
+    [ -n "$pid" ] || { echo "no postmaster in $1" >&2; return 1; }
+    if [ "$2" = STOP ]; then
+        kill -STOP "$pid"  # first, so it forks no new backend
+        pkill -STOP -P "$pid" || true
+    else
+        pkill -CONT -P "$pid" || true
+        kill -CONT "$pid"
+    fi
 }
 
 psql_at() { # port sql
@@ -237,6 +253,8 @@ main() {
         start-replica) ensure_postgres; ensure_os_user; start_server "$(replica_dir "$n")" ;;
         pause-replay) ensure_postgres; psql_at "$(replica_port "$n")" "SELECT pg_wal_replay_pause()" >/dev/null ;;
         resume-replay) ensure_postgres; psql_at "$(replica_port "$n")" "SELECT pg_wal_replay_resume()" >/dev/null ;;
+        freeze-replica) signal_server "$(replica_dir "$n")" STOP ;;
+        thaw-replica) signal_server "$(replica_dir "$n")" CONT ;;
         *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; [ -z "$command" ] || exit 2 ;;
     esac
 }

@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-# Own ports, so a developer's cluster on the default ports is left alone.
-export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-56432}
-export PG_REPLICA_PORT=${PG_REPLICA_PORT:-56433}
+# Own ports, so a developer's cluster on the default ports is left alone; below 32768, where
+# Linux never hands out a port to an outgoing connection.
+export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-26432}
+export PG_REPLICA_PORT=${PG_REPLICA_PORT:-26433}
 export PG_REPLICAS=${PG_REPLICAS:-2}
 
 log=$(mktemp)

@@ -32,6 +32,8 @@ func buildRouter(database: ExampleDatabase) -> Router<BasicRequestContext> {
     router.add(middleware: DBSessionMiddleware())
     ExampleRoutes(database: database).add(to: router)
     ItemRoutes(database: database).add(to: router)
-    TopologyRoutes(topology: database.topology).add(to: router)
+    TopologyRoutes(
+        topology: database.topology, maximumLagBytes: database.maximumLagBytes, maximumLag: database.maximumLag
+    ).add(to: router)
     return router
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import ContextDBPostgres
 import Foundation
 import Hummingbird
 import Logging
@@ -12,8 +13,9 @@ struct ExampleCommand: AsyncParsableCommand {
         discussion: """
             DATABASE_URL (libpq URI) names every host of the cluster; which one is the primary \
             and which are replicas is found by probing them, also after a failover. Default: the \
-            local cluster of scripts/pg-cluster.sh. REPLICA_MAX_LAG_BYTES limits how far a \
-            replica may lag to serve a read that carries no X-WAL-LSN token. \
+            local cluster of scripts/pg-cluster.sh. REPLICA_MAX_LAG_BYTES (default 16 MiB) and \
+            REPLICA_MAX_LAG_SECONDS (default 10) limit how far a replica may lag to serve a read \
+            that carries no X-WAL-LSN token. Statements have a 5 s deadline. \
             READ_YOUR_WRITES=off turns read-your-own-writes off (on by default).
             """
     )
@@ -28,10 +30,13 @@ struct ExampleCommand: AsyncParsableCommand {
         var logger = Logger(label: "ContextDBExample")
         logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
         let url = ProcessInfo.processInfo.environment["DATABASE_URL"] ?? ExampleDatabase.localClusterURL
-        let maximumLag = ProcessInfo.processInfo.environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) }
+        let environment = ProcessInfo.processInfo.environment
+        let maximumLagBytes = environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) } ?? PostgresTopology.defaultMaximumLagBytes
+        let maximumLag = environment["REPLICA_MAX_LAG_SECONDS"].flatMap { Int64($0) }.map { Duration.seconds($0) }
+            ?? PostgresTopology.defaultMaximumLag
         let readYourWrites = ProcessInfo.processInfo.environment["READ_YOUR_WRITES"] != "off"
         let database = try ExampleDatabase(
-            url: url, maximumLagBytes: maximumLag, readYourWrites: readYourWrites, logger: logger
+            url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites, logger: logger
         )
         let app = try await buildApplication(database: database, hostname: hostname, port: port, logger: logger)
         try await app.runService()

@@ -12,32 +12,50 @@ struct ExampleDatabase: Sendable {
     static let localClusterURL =
         "postgresql://contextdb:contextdb@127.0.0.1:55432,127.0.0.1:55433/contextdb?sslmode=disable"
 
+    /// The example's statement deadline: a statement still running after it is cancelled, and
+    /// its connection closed a second later if the server answers neither (a frozen host).
+    static let statementTimeout = Duration.seconds(5)
+    /// The example's lease deadline: with the statement deadline, no request waits more than
+    /// about 10 seconds on a frozen host.
+    static let leaseTimeout = Duration.seconds(4)
+
     let topology: PostgresTopology
     let primary: DBConnect<PostgresEngine>
     let replica: DBConnect<PostgresEngine>
+    /// The replica lag limits of token-less reads (reported by `/topology`).
+    let maximumLagBytes: UInt64?
+    let maximumLag: Duration?
 
     /// - Parameters:
     ///   - url: A libpq URI naming every host of the cluster, in any order: roles come from probing.
-    ///   - maximumLagBytes: The most a replica may lag to serve a read without a token.
+    ///   - maximumLagBytes: The most WAL bytes a replica may lag to serve a read without a token.
+    ///     Default 16 MiB.
+    ///   - maximumLag: The most a replica's replay may lag in time to serve a read without a
+    ///     token. Default 10 seconds.
     ///   - readYourWrites: Record each write's WAL position so later reads wait for it (two more
     ///     round trips per committed write); `false` for the plain cost, as in the HTTP benchmark.
     init(
         url: String,
         maximumConnections: Int = 20,
-        maximumLagBytes: UInt64? = nil,
+        maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
+        maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         readYourWrites: Bool = true,
         topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
         logger: Logger
     ) throws {
+        self.maximumLagBytes = maximumLagBytes
+        self.maximumLag = maximumLag
         topology = try PostgresTopology(url: url, configuration: configuration, logger: logger)
         primary = try DBConnect(
-            label: "primary", url: url, maximumConnections: maximumConnections, readYourWrites: readYourWrites,
+            label: "primary", url: url, maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
+            statementTimeout: Self.statementTimeout, readYourWrites: readYourWrites,
             logger: logger, beforeCreateSession: topology.primaryHook()
         )
         replica = try DBConnect(
             label: "replica", url: url, options: DBSessionOptions(readOnly: true),
-            maximumConnections: maximumConnections, logger: logger,
-            beforeCreateSession: topology.replicaHook(maximumLagBytes: maximumLagBytes)
+            maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
+            statementTimeout: Self.statementTimeout, logger: logger,
+            beforeCreateSession: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
         )
     }
 

@@ -16,7 +16,7 @@ extension PostgresConnection {
     ///   order): when the connection closed before the write arrived, it fails with
     ///   ``DBError/Code/connectionLost`` instead of waiting;
     /// - with a `timeout`, is cancelled at the deadline (`cancel`), and its connection closed
-    ///   ``PostgresEngine/cancelGrace`` later when the server answers neither.
+    ///   `grace` later when the server answers neither.
     ///
     /// No task is started: the checks are event-loop callbacks.
     /// - Parameters:
@@ -25,6 +25,8 @@ extension PostgresConnection {
     ///   - logger: Where PostgresNIO logs the statement.
     ///   - timeout: The client-side deadline; `nil` for none.
     ///   - cancel: Asks the server to cancel the statement (PostgreSQL's cancel request).
+    ///   - grace: How long after the deadline (and the cancel) the connection is closed when the
+    ///     statement still has no answer. Default ``PostgresEngine/cancelGrace``.
     /// - Returns: The rows and the command tag.
     /// - Throws: ``DBError/Code/connectionLost`` when the server closed the connection (with the
     ///   server's message and SQLSTATE when it sent one), ``DBError/Code/statementTimeout`` when
@@ -34,7 +36,8 @@ extension PostgresConnection {
         host: String,
         logger: Logger,
         timeout: Duration?,
-        cancel: (@Sendable () -> Void)? = nil
+        cancel: (@Sendable () -> Void)? = nil,
+        grace: Duration = PostgresEngine.cancelGrace
     ) async throws -> PostgresQueryResult {
         guard !isClosed else {
             throw DBError(
@@ -52,7 +55,7 @@ extension PostgresConnection {
             guard isClosed else { return }
             eventLoop.scheduleTask(in: .milliseconds(50)) { answer.fail(SentToClosedConnection()) }
         }
-        let watch = timeout.map { StatementDeadline(self, timeout: $0, cancel: cancel) }
+        let watch = timeout.map { StatementDeadline(self, timeout: $0, grace: grace, cancel: cancel) }
         do {
             let result = try await answer.futureResult.get()
             watch?.answered()
@@ -73,7 +76,7 @@ extension PostgresConnection {
             if isClosed {
                 return DBError(
                     .connectionLost,
-                    "the statement ran past the statement timeout (\(timeout.map { "\($0)" } ?? "?")) and the server answered neither it nor the cancel request within \(PostgresEngine.cancelGrace); the connection was closed",
+                    "the statement ran past the statement timeout (\(timeout.map { "\($0)" } ?? "?")) and the server answered neither it nor the cancel request; the connection was closed",
                     host: host, underlying: error
                 )
             }
@@ -106,9 +109,8 @@ extension PostgresConnection {
 /// The statement was written after the connection closed: PostgresNIO would never answer it.
 private struct SentToClosedConnection: Error {}
 
-/// A statement's client-side deadline: at `timeout`, a cancel request; one
-/// ``PostgresEngine/cancelGrace`` later, when the statement still has no answer, the
-/// connection is closed, which fails the statement.
+/// A statement's client-side deadline: at `timeout`, a cancel request; `grace` later, when the
+/// statement still has no answer, the connection is closed, which fails the statement.
 private final class StatementDeadline: Sendable {
     private enum Phase: Int {
         case running, timedOut, answered, answeredLate
@@ -117,12 +119,12 @@ private final class StatementDeadline: Sendable {
     private let phase = Atomic<Int>(Phase.running.rawValue)
     private let timer = Mutex<Scheduled<Void>?>(nil)
 
-    init(_ connection: PostgresConnection, timeout: Duration, cancel: (@Sendable () -> Void)?) {
+    init(_ connection: PostgresConnection, timeout: Duration, grace: Duration, cancel: (@Sendable () -> Void)?) {
         let eventLoop = connection.eventLoop
         let scheduled = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
             guard move(from: .running, to: .timedOut) else { return }
             cancel?()
-            eventLoop.scheduleTask(in: TimeAmount(PostgresEngine.cancelGrace)) { [self] in
+            eventLoop.scheduleTask(in: TimeAmount(grace)) { [self] in
                 if phase.load(ordering: .acquiring) == Phase.timedOut.rawValue {
                     let closed: EventLoopFuture<Void> = connection.close()
                     _ = closed

@@ -44,8 +44,10 @@ extension PostgresTopology {
 
     /// A `beforeCreateSession` hook that binds sessions to a replica.
     ///
-    /// A replica is fit when it is healthy, lags at most `maximumLagBytes`, and — when the
-    /// request carries a read-your-own-writes position (``ContextDB/DBContext/consistencyToken``)
+    /// A replica is fit when it is healthy, its WAL receiver is streaming (a replica that lost
+    /// its primary serves no token-less read), it lags at most `maximumLagBytes` and `maximumLag`
+    /// (see ``PostgresTopology/HostStatus/unfitReason(maximumLagBytes:maximumLag:)``), and — when
+    /// the request carries a read-your-own-writes position (``ContextDB/DBContext/consistencyToken``)
     /// — has replayed up to it. When no replica is fit for that position, the hook re-probes the
     /// replicas for up to `readYourWritesWait`; then it uses the primary. The fit replicas,
     /// ordered by `policy`, then the primary (with `fallbackToPrimary`) are the session's
@@ -54,21 +56,25 @@ extension PostgresTopology {
     /// falls back to the primary still cannot write.
     /// - Parameters:
     ///   - policy: How to spread sessions over fit replicas. Default round robin.
-    ///   - maximumLagBytes: The most WAL bytes a replica may lag; `nil` (the default) for no limit.
+    ///   - maximumLagBytes: The most WAL bytes a replica may lag; `nil` for no limit. Default
+    ///     16 MiB (``defaultMaximumLagBytes``).
+    ///   - maximumLag: The most a replica's replay may lag in time; `nil` for no limit. Default
+    ///     10 seconds (``defaultMaximumLag``).
     ///   - fallbackToPrimary: Use the primary when no replica is fit. Default `true`.
     ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
     ///     Default 500 ms.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func replicaHook(
         policy: DBReplicaPolicy = .roundRobin,
-        maximumLagBytes: UInt64? = nil,
+        maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
+        maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         fallbackToPrimary: Bool = true,
         readYourWritesWait: Duration = .milliseconds(500)
     ) -> DBConnect<PostgresEngine>.BeforeCreateSession {
         { [self] connect in
             let position = DBContext.current?.walPosition
             var snapshot = self.snapshot
-            var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, position: position)
+            var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
             let clock = ContinuousClock()
             let started = clock.now
             if fit.isEmpty, position != nil, readYourWritesWait > .zero, !snapshot.replicas.isEmpty {
@@ -76,7 +82,7 @@ extension PostgresTopology {
                 while fit.isEmpty, clock.now - started < readYourWritesWait {
                     await refresh(snapshot.replicas.map(\.endpoint))
                     snapshot = self.snapshot
-                    fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, position: position)
+                    fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
                     if fit.isEmpty {
                         try await Task.sleep(for: min(pause, readYourWritesWait - (clock.now - started)))
                         pause = min(pause * 2, .milliseconds(50))
@@ -86,7 +92,12 @@ extension PostgresTopology {
             let waited = clock.now - started
             var hosts = order(fit, by: policy).map(\.endpoint.description)
             var reason = position.map { "replica at or past \($0)" } ?? "replica"
-            if hosts.isEmpty { reason = "no fit replica, primary" }
+            if hosts.isEmpty {
+                reason = "no fit replica (" + snapshot.hosts.compactMap { host in
+                    host.role == .primary ? nil : host.unfitReason(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
+                        .map { "\(host.endpoint): \($0)" }
+                }.joined(separator: "; ") + "), primary"
+            }
             if fallbackToPrimary, let primary = snapshot.primary?.endpoint.description, !hosts.contains(primary) {
                 hosts.append(primary)
             }
@@ -108,16 +119,21 @@ extension PostgresTopology {
         }
     }
 
-    /// The replicas a read may use: healthy, within the lag limit, at or past `position`.
-    func fitReplicas(_ snapshot: Snapshot, maximumLagBytes: UInt64?, position: PostgresLSN?) -> [HostStatus] {
+    /// The byte-lag limit of ``replicaHook(policy:maximumLagBytes:maximumLag:fallbackToPrimary:readYourWritesWait:)``
+    /// when none is given: 16 MiB (one WAL segment).
+    public static let defaultMaximumLagBytes: UInt64 = 16 * 1024 * 1024
+    /// The time-lag limit of ``replicaHook(policy:maximumLagBytes:maximumLag:fallbackToPrimary:readYourWritesWait:)``
+    /// when none is given: 10 seconds.
+    public static let defaultMaximumLag: Duration = .seconds(10)
+
+    /// The replicas a read may use: fit (see ``HostStatus/unfitReason(maximumLagBytes:maximumLag:)``)
+    /// and, with a position, at or past it.
+    func fitReplicas(_ snapshot: Snapshot, maximumLagBytes: UInt64?, maximumLag: Duration?, position: PostgresLSN?) -> [HostStatus] {
         snapshot.replicas.filter { replica in
-            if let maximumLagBytes {
-                guard let lag = replica.lagBytes, lag <= maximumLagBytes else { return false }
-            }
             if let position {
                 guard let replayed = replica.position, replayed >= position else { return false }
             }
-            return true
+            return replica.unfitReason(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag) == nil
         }
     }
 

@@ -10,18 +10,26 @@ import Synchronization
 /// Run it as a long-running service (it is a ServiceLifecycle `Service`; add it to your
 /// application's services, or call ``run()`` in a task of your own). Routing reads the
 /// snapshot, so choosing a host never adds a query to a request. The ready-made hooks
-/// ``primaryHook()`` and ``replicaHook(policy:maximumLagBytes:fallbackToPrimary:readYourWritesWait:)``
+/// ``primaryHook()`` and ``replicaHook(policy:maximumLagBytes:maximumLag:fallbackToPrimary:readYourWritesWait:)``
 /// plug it into `DBConnect`'s `beforeCreateSession`.
 ///
-/// A host is marked down after ``Configuration/failuresBeforeDown`` probes in a row fail, or at
-/// once when a session could not lease a connection from it (it is then "suspect"); one good
-/// probe brings it back.
+/// Each host is probed on its own, with its own timeout, so a frozen host (one that accepts TCP
+/// and answers nothing) never delays the others' entries. A host is marked down when a probe
+/// gets no answer within ``Configuration/probeTimeout`` (at most that plus one
+/// ``Configuration/probeInterval`` after it froze), after ``Configuration/failuresBeforeDown``
+/// other probe failures in a row, or at once when a session could not lease a connection from it
+/// (it is then "suspect"); one good probe brings it back.
+///
+/// A replica's probe also reads its WAL receiver's status (`pg_stat_wal_receiver`) and its replay
+/// lag in seconds, so routing can refuse a replica that lost its primary (see
+/// ``HostStatus/unfitReason(maximumLagBytes:maximumLag:)``).
 public final class PostgresTopology: Service, Sendable {
     /// How and how often the hosts are probed.
     public struct Configuration: Sendable {
         /// The time between two probe rounds. Default 500 ms.
         public var probeInterval: Duration = .milliseconds(500)
-        /// The longest one probe (connect + query) may take before it counts as failed. Default 2 s.
+        /// The longest one probe (connect + query) may take; a host that does not answer within
+        /// it is marked down at once. Default 2 s.
         public var probeTimeout: Duration = .seconds(2)
         /// Failed probes in a row before a host is marked down. Default 3.
         public var failuresBeforeDown: Int = 3
@@ -54,12 +62,38 @@ public final class PostgresTopology: Service, Sendable {
         /// For a replica, how many WAL bytes it is behind the primary (0 when caught up).
         public var lagBytes: UInt64?
         /// For a replica, seconds since the last transaction it replayed was committed on the
-        /// primary (0 when caught up); `nil` when unknown.
+        /// primary (`now() - pg_last_xact_replay_timestamp()`), or 0 when it has replayed all the
+        /// WAL it received or all the primary wrote (an idle primary is no lag); `nil` when unknown.
         public var lagSeconds: Double?
+        /// For a replica, its WAL receiver's status (`pg_stat_wal_receiver.status`, e.g.
+        /// `streaming`), or `stopped` when no receiver runs — the replica lost its primary.
+        public var walReceiverStatus: String?
         /// Failed probes in a row.
         public var consecutiveFailures: Int
         /// Why the last probe or lease failed, without secrets.
         public var lastError: String?
+
+        /// Why this host may not serve a read without a read-your-own-writes position, or `nil`
+        /// when it may: it must be a healthy replica whose WAL receiver is streaming and that lags
+        /// within each limit that is set (a lag not known yet counts as within).
+        /// - Parameters:
+        ///   - maximumLagBytes: The most WAL bytes it may lag; `nil` for no limit.
+        ///   - maximumLag: The most replay lag in time; `nil` for no limit.
+        /// - Returns: A sentence for logs and `/topology`-style reports, or `nil` when fit.
+        public func unfitReason(maximumLagBytes: UInt64?, maximumLag: Duration?) -> String? {
+            guard isHealthy else { return "down: \(lastError ?? "no answer yet")" }
+            guard role == .replica else { return role == .primary ? "the primary" : "role unknown" }
+            if let walReceiverStatus, walReceiverStatus != "streaming" {
+                return "its WAL receiver is not streaming (\(walReceiverStatus)): it lost its primary"
+            }
+            if let maximumLagBytes, let lagBytes, lagBytes > maximumLagBytes {
+                return "lags \(lagBytes) bytes (limit \(maximumLagBytes))"
+            }
+            if let maximumLag, let lagSeconds, lagSeconds > Double(maximumLag.components.seconds) + Double(maximumLag.components.attoseconds) / 1e18 {
+                return "lags \(lagSeconds) s (limit \(maximumLag))"
+            }
+            return nil
+        }
     }
 
     /// The state of every host at one moment.
@@ -128,9 +162,8 @@ public final class PostgresTopology: Service, Sendable {
             for endpoint in endpoints {
                 group.addTask { (endpoint, await self.probe(endpoint)) }
             }
-            var results: [PostgresEndpoint: Result<Probe, any Error>] = [:]
-            for await (endpoint, result) in group { results[endpoint] = result }
-            apply(results)
+            // Each host's entry as soon as its probe ends: a frozen host delays no other.
+            for await (endpoint, result) in group { apply([endpoint: result]) }
         }
     }
 
@@ -141,13 +174,20 @@ public final class PostgresTopology: Service, Sendable {
         apply(results)
     }
 
-    /// Probes every ``Configuration/probeInterval`` until the task is cancelled or a graceful
-    /// shutdown begins; then closes its probe connections.
+    /// Probes each host every ``Configuration/probeInterval``, each on its own schedule, until
+    /// the task is cancelled or a graceful shutdown begins; then closes its probe connections.
     public func run() async throws {
+        let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
         await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                await self.refresh()
-                try? await Task.sleep(for: self.configuration.probeInterval)
+            await withTaskGroup(of: Void.self) { group in
+                for endpoint in endpoints {
+                    group.addTask {
+                        while !Task.isCancelled {
+                            self.apply([endpoint: await self.probe(endpoint)])
+                            try? await Task.sleep(for: self.configuration.probeInterval)
+                        }
+                    }
+                }
             }
         }
         let connections = probeConnections.withLock { connections in
@@ -178,56 +218,73 @@ public final class PostgresTopology: Service, Sendable {
         var isReplica: Bool
         var position: PostgresLSN?
         var lagSeconds: Double?
+        var walReceiverStatus: String?
     }
 
+    /// A probe that got no answer within ``Configuration/probeTimeout``: the host is down at once.
+    struct ProbeTimedOut: Error, CustomStringConvertible {
+        let timeout: Duration
+        var description: String { "no answer within \(timeout): the host is frozen or unreachable" }
+    }
+
+    /// Role, position, replay lag in seconds (0 when everything received is replayed, so an idle
+    /// primary is no lag) and the WAL receiver's status (PostgreSQL docs, "Recovery Information
+    /// Functions" and "pg_stat_wal_receiver").
     private static let probeQuery: PostgresQuery = """
         SELECT pg_is_in_recovery(),
                (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
+               CASE WHEN pg_is_in_recovery() THEN
+                    CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
+                         ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
+               END::float8,
                CASE WHEN pg_is_in_recovery()
-                    THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END
+                    THEN coalesce((SELECT status FROM pg_stat_wal_receiver), 'stopped') END
         """
 
+    /// Probes one host: connect (reusing its probe connection) and query, together bounded by
+    /// ``Configuration/probeTimeout``. A hung probe's connection is closed at the deadline, so the
+    /// probe ends on time whatever the host does.
     private func probe(_ endpoint: PostgresEndpoint) async -> Result<Probe, any Error> {
         let timeout = configuration.probeTimeout
+        let deadline = ContinuousClock.now + timeout
         do {
-            return .success(try await withThrowingTaskGroup(of: Probe?.self) { group in
-                group.addTask { try await self.query(endpoint) }
-                group.addTask {
-                    try await Task.sleep(for: timeout)
-                    return nil
-                }
-                defer { group.cancelAll() }
-                guard let first = try await group.next(), let probe = first else {
-                    throw DBError(.connectionFailed, "no answer within \(timeout)", host: endpoint.description)
-                }
-                return probe
-            })
+            return .success(try await query(endpoint, deadline: deadline))
         } catch {
             // A failed or hung probe connection is never reused.
             if let connection = probeConnections.withLock({ $0.removeValue(forKey: endpoint) }) {
                 try? await connection.close()
             }
-            return .failure(error)
+            return .failure(ContinuousClock.now >= deadline ? ProbeTimedOut(timeout: timeout) : error)
         }
     }
 
-    private func query(_ endpoint: PostgresEndpoint) async throws -> Probe {
+    private func query(_ endpoint: PostgresEndpoint, deadline: ContinuousClock.Instant) async throws -> Probe {
         let connection: PostgresConnection
         if let existing = probeConnections.withLock({ $0[endpoint] }), !existing.isClosed {
             connection = existing
         } else {
-            connection = try await PostgresConnection.connect(
-                configuration: try url.connectionConfiguration(for: endpoint), id: 0, logger: logger
-            )
+            var configuration = try url.connectionConfiguration(for: endpoint)
+            configuration.options.connectTimeout = .nanoseconds(Self.nanoseconds(ContinuousClock.now.duration(to: deadline)))
+            connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
             if let replaced = probeConnections.withLock({ $0.updateValue(connection, forKey: endpoint) }) {
                 try? await replaced.close()
             }
         }
-        let row = try await connection.query(Self.probeQuery, logger: logger).collect().first
-        guard let (isReplica, position, lag) = try row?.decode((Bool, String?, Double?).self) else {
+        let remaining = ContinuousClock.now.duration(to: deadline)
+        guard remaining > .zero else { throw ProbeTimedOut(timeout: configuration.probeTimeout) }
+        let row = try await connection.guardedQuery(
+            Self.probeQuery, host: endpoint.description, logger: logger, timeout: remaining, grace: .zero
+        ).first
+        guard let (isReplica, position, lag, receiver) = try row?.decode((Bool, String?, Double?, String?).self) else {
             throw DBError(.queryFailed, "the probe returned no row", host: endpoint.description)
         }
-        return Probe(isReplica: isReplica, position: position.flatMap(PostgresLSN.init), lagSeconds: lag)
+        return Probe(
+            isReplica: isReplica, position: position.flatMap(PostgresLSN.init), lagSeconds: lag, walReceiverStatus: receiver
+        )
+    }
+
+    private static func nanoseconds(_ duration: Duration) -> Int64 {
+        max(1, duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
     }
 
     private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>]) {
@@ -245,7 +302,13 @@ public final class PostgresTopology: Service, Sendable {
                     host.consecutiveFailures = 0
                     host.position = probe.position
                     host.lagSeconds = probe.lagSeconds
+                    host.walReceiverStatus = probe.walReceiverStatus
                     host.lastError = nil
+                case .failure(let error as ProbeTimedOut):
+                    // No answer at all: down now, not after more probes of the same length.
+                    host.consecutiveFailures = max(host.consecutiveFailures + 1, configuration.failuresBeforeDown)
+                    host.isHealthy = false
+                    host.lastError = error.description
                 case .failure(let error):
                     host.consecutiveFailures += 1
                     host.isHealthy = host.consecutiveFailures < configuration.failuresBeforeDown && host.role != .unknown

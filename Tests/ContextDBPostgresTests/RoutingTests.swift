@@ -101,7 +101,7 @@ struct RoutingTests {
 @Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
 struct FailoverTests {
     @Test func aStoppedReplicaCostsNoRequestAndIsUsedAgainWhenBack() async throws {
-        try await ScratchCluster.with(primaryPort: 57432, replicas: 2) { cluster in
+        try await ScratchCluster.with(primaryPort: 27432, replicas: 2) { cluster in
             try await withTopology(url: cluster.url) { topology in
                 let replica = try DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
@@ -139,7 +139,7 @@ struct FailoverTests {
     }
 
     @Test func writesFollowAPromotionWithoutARestart() async throws {
-        try await ScratchCluster.with(primaryPort: 57442, replicas: 1) { cluster in
+        try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
                 let primary = try DBConnect(
                     label: "primary", url: cluster.url, beforeCreateSession: topology.primaryHook()
@@ -174,7 +174,7 @@ struct FailoverTests {
     }
 
     @Test func aLaggingReplicaNeverServesStaleDataToATokenAndOnlyWithinMaxLagWithout() async throws {
-        try await ScratchCluster.with(primaryPort: 57452, replicas: 1) { cluster in
+        try await ScratchCluster.with(primaryPort: 27452, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
                 let primary = try DBConnect(
                     label: "primary", url: cluster.url, readYourWrites: true, beforeCreateSession: topology.primaryHook()

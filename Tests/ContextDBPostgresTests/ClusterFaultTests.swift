@@ -1,0 +1,123 @@
+import ContextDB
+import ContextDBPostgres
+import PostgresNIO
+import Testing
+import TestSupport
+
+/// Faults of the issue "A request never hangs…" that need servers frozen, stopped or promoted,
+/// each on a scratch cluster of its own (ports below 32768, unique per test).
+@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
+struct ClusterFaultTests {
+    /// The example's probe settings: every 500 ms, 2 s timeout.
+    private func withDefaultTopology<R>(url: String, _ body: (PostgresTopology) async throws -> R) async throws -> R {
+        let topology = try PostgresTopology(url: url)
+        await topology.refresh()
+        let service = Task { try await topology.run() }
+        defer { service.cancel() }
+        return try await body(topology)
+    }
+
+    @Test func aFrozenReplicaIsMarkedDownOnItsOwnAndItsStatementsFailOnTime() async throws {
+        try await ScratchCluster.with(primaryPort: 27462, replicas: 2) { cluster in
+            try await withDefaultTopology(url: cluster.url) { topology in
+                let frozenPort = cluster.replicaPorts[0]
+                let frozenHost = cluster.endpoint(frozenPort)
+                // Bound to the replica that will freeze, with the example's statement timeout.
+                let pinned = try DBConnect(
+                    label: "pinned", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                    statementTimeout: .milliseconds(500),
+                    beforeCreateSession: { try $0.changeHost(frozenHost) }
+                )
+                let replica = try DBConnect(
+                    label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                    statementTimeout: .milliseconds(500), beforeCreateSession: topology.replicaHook()
+                )
+                func read(_ connect: DBConnect<PostgresEngine>) async throws -> Int {
+                    try await withDBContext {
+                        try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
+                    }
+                }
+                #expect(try await read(pinned) == frozenPort)  // a pooled connection to it now
+
+                try await cluster.run("freeze-replica", "1")
+                // BEGIN on the pooled connection: cancelled at 500 ms, its connection closed a
+                // second later; the session's one retry on a new connection fails on the connect
+                // timeout (2 s). Either way an error naming the host, not a hang.
+                async let pinnedRead: Result<Int, any Error> = {
+                    do { return .success(try await read(pinned)) } catch { return .failure(error) }
+                }()
+                // Meanwhile: down within probe timeout + one interval (2.5 s), on its own probes.
+                try await eventually("the frozen replica is marked down", timeout: .seconds(3)) {
+                    topology.snapshot.hosts.first { $0.endpoint.port == frozenPort }?.isHealthy == false
+                }
+                switch await pinnedRead {
+                case .success:
+                    Issue.record("a read on a frozen host succeeded")
+                case .failure(let error as DBError):
+                    #expect(error.code == .connectionLost || error.code == .connectionFailed, "\(error)")
+                    #expect(error.description.contains(frozenHost), "\(error)")
+                case .failure(let error):
+                    Issue.record("not a DBError: \(error)")
+                }
+                // The other replica's probes went on meanwhile.
+                let other = topology.snapshot.hosts.first { $0.endpoint.port == cluster.replicaPorts[1] }
+                #expect(other?.isHealthy == true)
+                #expect(other?.consecutiveFailures == 0)
+                // No read that starts now goes to the frozen host.
+                for _ in 0..<20 { #expect(try await read(replica) != frozenPort) }
+
+                try await cluster.run("thaw-replica", "1")
+                try await eventually("the thawed replica is healthy again") {
+                    topology.snapshot.replicas.contains { $0.endpoint.port == frozenPort }
+                }
+                #expect(try await read(pinned) == frozenPort, "a new connection serves after the thaw")
+                await pinned.close()
+                await replica.close()
+            }
+        }
+    }
+
+    @Test func aReplicaThatLostItsPrimaryServesNoTokenlessRead() async throws {
+        try await ScratchCluster.with(primaryPort: 27472, replicas: 2) { cluster in
+            try await withDefaultTopology(url: cluster.url) { topology in
+                let primary = try DBConnect(label: "primary", url: cluster.url, beforeCreateSession: topology.primaryHook())
+                let replica = try DBConnect(
+                    label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                    beforeCreateSession: topology.replicaHook()
+                )
+                try await withDBContext { try await primary.session().execute("CREATE TABLE items (text text)") }
+                try await eventually("both replicas stream and caught up") {
+                    let replicas = topology.snapshot.replicas
+                    return replicas.count == 2 && replicas.allSatisfy { $0.walReceiverStatus == "streaming" && $0.lagBytes == 0 }
+                }
+
+                try await cluster.run("stop-primary")
+                try await cluster.run("promote", "1")
+                let newPrimary = cluster.endpoint(cluster.replicaPorts[0])
+                let orphan = cluster.replicaPorts[1]
+                try await eventually("the topology follows the promotion") {
+                    topology.snapshot.primary?.endpoint.description == newPrimary
+                }
+                try await eventually("the orphaned replica is unfit") {
+                    topology.snapshot.hosts.first { $0.endpoint.port == orphan }?
+                        .unfitReason(maximumLagBytes: PostgresTopology.defaultMaximumLagBytes, maximumLag: PostgresTopology.defaultMaximumLag) != nil
+                }
+                let reason = topology.snapshot.hosts.first { $0.endpoint.port == orphan }?
+                    .unfitReason(maximumLagBytes: nil, maximumLag: nil)
+                #expect(reason?.contains("WAL receiver") == true, "\(reason ?? "fit")")
+
+                try await withDBContext { try await primary.session().execute("INSERT INTO items VALUES ('new')") }
+                for _ in 0..<6 {
+                    let (host, count) = try await withDBContext {
+                        let session = try await replica.session()
+                        return (session.host, try await session.queryValue("SELECT count(*)::int FROM items", as: Int.self))
+                    }
+                    #expect(count == 1, "a token-less read sees the new primary's write (served by \(host))")
+                    #expect(host != cluster.endpoint(orphan))
+                }
+                await primary.close()
+                await replica.close()
+            }
+        }
+    }
+}
