@@ -54,12 +54,13 @@ enum ExampleHarness {
 
     /// Builds the example on empty tables and runs `body` with its database and app.
     static func withExample<R>(
+        url: String = databaseURL,
         maximumConnections: Int = 20,
         extraRoutes: @escaping (Router<BasicRequestContext>, ExampleDatabase) -> Void = { _, _ in },
         _ body: (ExampleDatabase, any ApplicationProtocol) async throws -> R
     ) async throws -> R {
         let database = try ExampleDatabase(
-            url: databaseURL, maximumConnections: maximumConnections, logger: Logger(label: "test")
+            url: url, maximumConnections: maximumConnections, logger: Logger(label: "test")
         )
         let app = try await buildApplication(database: database, port: 0) { router in
             extraRoutes(router, database)

@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import Logging
 import PostgresNIO
 import Testing
 import TestSupport
@@ -118,6 +119,60 @@ struct ClusterFaultTests {
                 await primary.close()
                 await replica.close()
             }
+        }
+    }
+
+    @Test func aReplicaSessionEndedForARecoveryConflictFailsWithTheServersReason() async throws {
+        try await ScratchCluster.with(primaryPort: 27482, replicas: 1) { cluster in
+            let primary = try DBConnect(label: "primary", url: TestCluster.url(port: cluster.primaryPort))
+            let replica = try DBConnect(
+                label: "replica", url: TestCluster.url(port: cluster.replicaPorts[0]), options: DBSessionOptions(readOnly: true)
+            )
+            // The replica cancels queries that block replay for more than a second.
+            // ALTER SYSTEM runs outside a transaction: on a plain connection, not a session.
+            let admin = try await PostgresConnection.connect(
+                configuration: PostgresConnection.Configuration(
+                    host: "127.0.0.1", port: cluster.replicaPorts[0], username: TestCluster.user,
+                    password: TestCluster.password, database: TestCluster.database, tls: .disable
+                ),
+                id: 1, logger: Logger(label: "test")
+            )
+            try await admin.query("ALTER SYSTEM SET max_standby_streaming_delay = '1s'", logger: Logger(label: "test"))
+            try await admin.query("SELECT pg_reload_conf()", logger: Logger(label: "test"))
+            try await admin.close()
+            try await primary.withTransaction { session in
+                try await session.execute("CREATE TABLE conflicted (id int)")
+                try await session.execute("INSERT INTO conflicted VALUES (1)")
+            }
+            let position = try await primary.withSession { try await $0.queryValue("SELECT pg_current_wal_lsn()::text", as: String.self)! }
+            try await eventually("the replica replayed the table") {
+                try await replica.withSession {
+                    try await $0.queryValue("SELECT pg_last_wal_replay_lsn() >= \(position)::pg_lsn", as: Bool.self) ?? false
+                }
+            }
+            try await eventually("the new delay is in force") {
+                try await replica.withSession { try await $0.queryValue("SHOW max_standby_streaming_delay", as: String.self) == "1s" }
+            }
+
+            let error = await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await replica.session()
+                    #expect(try await session.queryValue("SELECT count(*)::int FROM conflicted", as: Int.self) == 1)
+                    // The primary takes ACCESS EXCLUSIVE on the table this idle transaction read.
+                    try await primary.withTransaction { try await $0.execute("LOCK TABLE conflicted IN ACCESS EXCLUSIVE MODE") }
+                    try await Task.sleep(for: .seconds(3))  // the replica ends this session (40001)
+                    let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
+                    #expect(lost?.host == cluster.endpoint(cluster.replicaPorts[0]))
+                }
+            }
+            #expect(error?.message.contains("lost") == true)
+            // The next read on the same connect works.
+            let count = try await withDBContext {
+                try await replica.session().queryValue("SELECT count(*)::int FROM conflicted", as: Int.self)
+            }
+            #expect(count == 1)
+            await primary.close()
+            await replica.close()
         }
     }
 }
