@@ -23,6 +23,7 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
             case noHostAvailable
             case connectionLost
             case statementTimeout
+            case commitOutcomeUnknown
         }
 
         let base: Base
@@ -61,9 +62,13 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         /// restarted). The connection is discarded, never pooled; the work of its open
         /// transaction is gone, and the session refuses statements until it is rolled back.
         public static let connectionLost = Code(base: .connectionLost)
-        /// A statement ran longer than the connect's client-side statement timeout; it was
-        /// cancelled, or its connection closed when the server did not answer the cancel.
+        /// A statement ran longer than the connect's client-side statement timeout. It was
+        /// cancelled; when the server answered neither the statement nor the cancel, the
+        /// connection was closed as well (the session then treats the transaction as lost).
         public static let statementTimeout = Code(base: .statementTimeout)
+        /// `COMMIT` was sent, but the connection was lost before its answer arrived: the
+        /// transaction may or may not have committed. Never retried; check before retrying.
+        public static let commitOutcomeUnknown = Code(base: .commitOutcomeUnknown)
 
         public var description: String { base.rawValue }
     }

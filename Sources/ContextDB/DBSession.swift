@@ -7,7 +7,8 @@ public protocol AnyDBSession: AnyObject, Sendable {
     /// The host this session is bound to: chosen when it was created, or the fallback that
     /// served its first lease when the chosen one could not.
     var host: String { get }
-    /// Whether a transaction is open (a statement ran since the last commit or rollback).
+    /// Whether a transaction is open (a statement ran since the last commit or rollback) — also
+    /// one lost with its connection, which holds no connection until it is rolled back.
     var isInTransaction: Bool { get }
     /// Whether the session holds a leased connection.
     var hasConnection: Bool { get }
@@ -146,6 +147,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ///   or `BEGIN` failure, or what `body` throws.
     ///
     /// > Warning: The connection belongs to the session: do not use it after `body` returns.
+    /// > Statements sent on it directly bypass the engine's guards (a statement timeout, the
+    /// > fast failure on a connection the server closed): prefer the engine module's query
+    /// > functions, or ``withLeasedConnection(isolation:_:)`` and the engine's own.
     public func withConnection<R>(
         isolation: isolated (any Actor)? = #isolation,
         _ body: (Engine.Connection) async throws -> R
@@ -156,9 +160,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Runs `body` with this session's engine and connection inside its transaction — for
     /// engine modules, whose query functions run statements through their engine.
     ///
-    /// Behaves as ``withConnection(isolation:_:)``. When `body` throws a ``DBError`` with code
-    /// ``DBError/Code/connectionLost``, the session discards the connection (it is never pooled)
-    /// and, if a transaction was open, remembers it as lost.
+    /// Behaves as ``withConnection(isolation:_:)``. When `body` throws and the engine reports the
+    /// connection unusable (``DatabaseEngine/isConnectionUsable(_:)``), the session discards it
+    /// (it is never pooled) and, if a transaction was open, remembers it as lost.
     /// - Parameter body: Work on the connection. It must not keep the connection.
     /// - Returns: What `body` returns.
     /// - Throws: See ``withConnection(isolation:_:)``.
@@ -173,10 +177,20 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             await leave()
             return result
         } catch {
-            if let error = error as? DBError, error.code == .connectionLost { await connectionLost(error) }
+            await discardIfUnusable(after: error)
             await leave()
             throw error
         }
+    }
+
+    /// After a failure: when the engine says the connection is dead, discard it.
+    nonisolated(nonsending) private func discardIfUnusable(after error: any Error) async {
+        guard let lease = state.withLock({ Self.currentLease($0) }), !lease.engine.isConnectionUsable(lease.connection) else {
+            return
+        }
+        await connectionLost(
+            error as? DBError ?? DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error)
+        )
     }
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
@@ -194,7 +208,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             do {
                 try await begin(lease)
             } catch let error as DBError where error.code == .connectionLost && shared == nil {
-                // No transaction was open on it: a fresh connection to the same host serves.
+                // Closed before BEGIN was sent, and no transaction was open on it: a fresh
+                // connection to the same host serves.
                 return try await acquire()
             }
         }
@@ -353,8 +368,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// aborted is answered with a rollback (PostgreSQL's `COMMIT` then returns the tag
     /// `ROLLBACK`), which is reported as ``DBError/Code/commitFailed``.
     /// - Throws: ``DBError/Code/commitFailed`` when the transaction did not commit: the server
-    ///   rolled it back, `COMMIT` failed, or the connection was lost (the message says whether
-    ///   `COMMIT` had been sent, when its outcome is unknown).
+    ///   rolled it back, `COMMIT` failed, or the connection was lost before `COMMIT` was sent.
+    ///   ``DBError/Code/commitOutcomeUnknown`` when `COMMIT` was sent and the connection was lost
+    ///   before its answer: it may have committed.
     nonisolated(nonsending) public func commit() async throws {
         try await enter()
         let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
@@ -377,11 +393,17 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             state.withLock { $0.endTransaction() }
             await leave()
             throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
-        } catch let error as DBError where error.code == .connectionLost {
+        } catch let error as DBError where error.code == .commitOutcomeUnknown || !lease.engine.isConnectionUsable(lease.connection) {
             await connectionLost(error)
             state.withLock { $0.endTransaction() }
             await leave()
-            throw DBError(.commitFailed, "COMMIT did not complete: \(error.message)", connect: connect.label, host: host, underlying: error)
+            if error.code == .commitOutcomeUnknown {
+                throw DBError(.commitOutcomeUnknown, error.message, connect: connect.label, host: host, underlying: error.underlying)
+            }
+            throw DBError(
+                .commitFailed, "COMMIT was not sent: \(error.message); the server rolled the transaction back, nothing of it was saved",
+                connect: connect.label, host: host, underlying: error
+            )
         } catch {
             // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
             await discardTransaction(lease)
@@ -411,9 +433,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             try await runRollback(lease)
             state.withLock { $0.endTransaction() }
             await leave()
-        } catch let error as DBError where error.code == .connectionLost {
+        } catch where !lease.engine.isConnectionUsable(lease.connection) {
             // The server rolls back the transaction of a connection that ends.
-            await connectionLost(error)
+            await connectionLost(error as? DBError ?? DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error))
             state.withLock { $0.endTransaction() }
             await leave()
         } catch {
@@ -434,6 +456,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             await shared.lock()
             if let lease = openTransaction() {
                 do { try await runRollback(lease) } catch { state.withLock { $0.endTransaction() } }
+            } else {
+                state.withLock { $0.endTransaction() }  // a transaction lost with the connection
             }
             shared.unlock()
             return

@@ -29,10 +29,19 @@ public protocol DatabaseEngine: Sendable {
     /// - Throws: For ``DBControlStatement/commit``, a ``DBError`` with code
     ///   ``DBError/Code/commitFailed`` when the server ended the transaction without committing
     ///   it (PostgreSQL answers `COMMIT` of an aborted transaction with the tag `ROLLBACK`): the
-    ///   session then knows the transaction is over. A ``DBError`` with code
-    ///   ``DBError/Code/connectionLost`` when the server closed the connection: the session
-    ///   discards it. Any other error for a statement that failed.
+    ///   session then knows the transaction is over. For `COMMIT`, a ``DBError`` with code
+    ///   ``DBError/Code/commitOutcomeUnknown`` when it was sent and its answer was lost. A
+    ///   ``DBError`` with code ``DBError/Code/connectionLost`` when the server had closed the
+    ///   connection before the statement was sent (then retrying `BEGIN` elsewhere is safe).
+    ///   Any other error for a statement that failed.
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws
+
+    /// Whether a leased connection can still run statements: `false` once the server closed it
+    /// or the engine gave up on it (a statement past its deadline, say). After a failure the
+    /// session asks this, not the error, to decide whether the connection and its open
+    /// transaction are lost. The default (in an extension) answers `true`.
+    /// - Parameter connection: A connection this engine leased.
+    func isConnectionUsable(_ connection: Connection) -> Bool
 
     /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
     func shutdown() async
@@ -107,4 +116,9 @@ public enum DBIsolationLevel: String, Sendable, Hashable, CaseIterable {
         case .serializable: return "SERIALIZABLE"
         }
     }
+}
+
+extension DatabaseEngine {
+    /// Answers `true`: an engine that cannot tell a dead connection keeps the session's.
+    public func isConnectionUsable(_ connection: Connection) -> Bool { true }
 }

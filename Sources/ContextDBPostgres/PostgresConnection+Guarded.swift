@@ -10,15 +10,17 @@ extension PostgresConnection {
     /// PostgresNIO 1.33.2 never answers a statement written to a connection the server has
     /// already closed (the write reaches a pipeline without its handler, and the statement's
     /// promise is dropped). So a statement
-    /// - fails at once with ``DBError/Code/connectionLost`` when the connection is closed before
-    ///   it is sent;
+    /// - fails at once with ``ContextDB/DBError/Code/connectionLost`` when the connection is
+    ///   closed before it is sent;
     /// - is checked on the connection's event loop right after its write (the loop runs tasks in
     ///   order): when the connection closed before the write arrived, it fails with
-    ///   ``DBError/Code/connectionLost`` instead of waiting;
+    ///   ``ContextDB/DBError/Code/connectionLost`` instead of waiting;
     /// - with a `timeout`, is cancelled at the deadline (`cancel`), and its connection closed
     ///   `grace` later when the server answers neither.
     ///
-    /// No task is started: the checks are event-loop callbacks.
+    /// The checks are event-loop callbacks; only a cancel request runs in a task of its own, and
+    /// the statement's caller waits for it, so that a late cancel never reaches the connection's
+    /// next statement.
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
     ///   - host: The server, for errors.
@@ -28,22 +30,23 @@ extension PostgresConnection {
     ///   - grace: How long after the deadline (and the cancel) the connection is closed when the
     ///     statement still has no answer. Default ``PostgresEngine/cancelGrace``.
     /// - Returns: The rows and the command tag.
-    /// - Throws: ``DBError/Code/connectionLost`` when the server closed the connection (with the
-    ///   server's message and SQLSTATE when it sent one), ``DBError/Code/statementTimeout`` when
-    ///   the statement was cancelled at its deadline, or PostgresNIO's error for a failed statement.
+    /// - Throws: ``ContextDB/DBError/Code/connectionLost`` when the server closed the connection
+    ///   (with the server's message and SQLSTATE when it sent one; with a ``StatementNotSent``
+    ///   cause when the statement never left), ``ContextDB/DBError/Code/statementTimeout`` when
+    ///   the deadline passed, or PostgresNIO's error for a failed statement.
     func guardedQuery(
         _ query: PostgresQuery,
         host: String,
         logger: Logger,
         timeout: Duration?,
-        cancel: (@Sendable () -> Void)? = nil,
+        cancel: (@Sendable () async -> Void)? = nil,
         grace: Duration = PostgresEngine.cancelGrace
     ) async throws -> PostgresQueryResult {
         guard !isClosed else {
             throw DBError(
                 .connectionLost,
                 "the server had closed the connection before the statement was sent (the backend was terminated, timed out, or the server restarted); the connection is discarded",
-                host: host
+                host: host, underlying: StatementNotSent()
             )
         }
         let eventLoop = self.eventLoop
@@ -53,50 +56,61 @@ extension PostgresConnection {
             // The write above ran before this; if the connection is closed now, either its
             // handler failed the statement already, or the write never reached it.
             guard isClosed else { return }
-            eventLoop.scheduleTask(in: .milliseconds(50)) { answer.fail(SentToClosedConnection()) }
+            eventLoop.scheduleTask(in: .milliseconds(50)) { answer.fail(StatementNotSent()) }
         }
-        let watch = timeout.map { StatementDeadline(self, timeout: $0, grace: grace, cancel: cancel) }
+        guard let timeout else {
+            do {
+                return try await answer.futureResult.get()
+            } catch {
+                throw classify(error, host: host, timedOut: nil)
+            }
+        }
+        let deadline = StatementDeadline(self, answer: answer.futureResult, timeout: timeout, grace: grace, cancel: cancel)
         do {
             let result = try await answer.futureResult.get()
-            watch?.answered()
+            // A cancel request on its way must arrive before the connection's next statement.
+            await deadline.cancelSent()
             return result
         } catch {
-            watch?.answered()
-            throw classify(error, host: host, timeout: timeout, timedOut: watch?.timedOut ?? false)
+            await deadline.cancelSent()
+            throw classify(error, host: host, timedOut: deadline.timedOut ? timeout : nil)
         }
     }
 
     /// Turns a failure into the error the session acts on.
-    private func classify(_ error: any Error, host: String, timeout: Duration?, timedOut: Bool) -> any Error {
-        let serverInfo = (error as? PSQLError)?.serverInfo
-        let reason = serverInfo.map { info in
-            ": \(info[.message] ?? "no message") (SQLSTATE \(info[.sqlState] ?? "?"))"
-        } ?? ""
-        if timedOut {
+    private func classify(_ error: any Error, host: String, timedOut timeout: Duration?) -> any Error {
+        if error is StatementNotSent {
+            return DBError(
+                .connectionLost,
+                "the server closed the connection before the statement reached it; the connection is discarded",
+                host: host, underlying: error
+            )
+        }
+        let psqlError = error as? PSQLError
+        let serverInfo = psqlError?.serverInfo
+        if let timeout {
             if isClosed {
                 return DBError(
-                    .connectionLost,
-                    "the statement ran past the statement timeout (\(timeout.map { "\($0)" } ?? "?")) and the server answered neither it nor the cancel request; the connection was closed",
+                    .statementTimeout,
+                    "the statement ran past the statement timeout (\(timeout)) and the server answered neither it nor the cancel request, so the connection was closed",
                     host: host, underlying: error
                 )
             }
             if serverInfo?[.sqlState] == "57014" {
                 return DBError(
-                    .statementTimeout,
-                    "the statement ran past the statement timeout (\(timeout.map { "\($0)" } ?? "?")) and was cancelled",
+                    .statementTimeout, "the statement ran past the statement timeout (\(timeout)) and was cancelled",
                     host: host, underlying: error
                 )
             }
         }
-        if error is SentToClosedConnection {
-            return DBError(
-                .connectionLost,
-                "the server closed the connection before the statement reached it; the connection is discarded",
-                host: host
-            )
-        }
+        let reason = serverInfo.map { info in
+            ": \(info[.message] ?? "no message") (SQLSTATE \(info[.sqlState] ?? "?"))"
+        } ?? ""
         let fatal = serverInfo?[.severity] == "FATAL" || serverInfo?[.severity] == "PANIC"
-        if fatal || isClosed {
+        let closing = psqlError.map { error in
+            [PSQLError.Code.serverClosedConnection, .clientClosedConnection, .uncleanShutdown, .connectionError].contains(error.code)
+        } ?? false
+        if fatal || closing || isClosed {
             return DBError(
                 .connectionLost, "the server closed the connection while the statement ran\(reason)",
                 host: host, underlying: error
@@ -106,50 +120,90 @@ extension PostgresConnection {
     }
 }
 
-/// The statement was written after the connection closed: PostgresNIO would never answer it.
-private struct SentToClosedConnection: Error {}
+/// The cause of a ``ContextDB/DBError/Code/connectionLost`` whose statement never reached the
+/// server: retrying it elsewhere is safe, and a `COMMIT` that was never sent committed nothing.
+struct StatementNotSent: Error, CustomStringConvertible {
+    var description: String { "the statement was not sent" }
+}
 
 /// A statement's client-side deadline: at `timeout`, a cancel request; `grace` later, when the
 /// statement still has no answer, the connection is closed, which fails the statement.
+///
+/// Every phase change runs on the connection's event loop — the deadline timer, the grace timer
+/// and the answer's callback — so they happen in one order.
 private final class StatementDeadline: Sendable {
-    private enum Phase: Int {
-        case running, timedOut, answered, answeredLate
+    private enum Phase: Sendable {
+        case running(Scheduled<Void>?)
+        case timedOut(Task<Void, Never>?)
+        case answered
+        case answeredLate(Task<Void, Never>?)
     }
 
-    private let phase = Atomic<Int>(Phase.running.rawValue)
-    private let timer = Mutex<Scheduled<Void>?>(nil)
+    private let phase = Mutex<Phase>(.running(nil))
 
-    init(_ connection: PostgresConnection, timeout: Duration, grace: Duration, cancel: (@Sendable () -> Void)?) {
+    init(
+        _ connection: PostgresConnection, answer: EventLoopFuture<PostgresQueryResult>, timeout: Duration, grace: Duration,
+        cancel: (@Sendable () async -> Void)?
+    ) {
         let eventLoop = connection.eventLoop
-        let scheduled = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
-            guard move(from: .running, to: .timedOut) else { return }
-            cancel?()
+        let timer = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
+            let started = phase.withLock { phase -> Bool in
+                guard case .running = phase else { return false }
+                // A timer callback has no task to run in: the cancel request gets its own, and
+                // the statement's caller awaits it (`cancelSent()`).
+                phase = .timedOut(cancel.map { cancel in Task { await cancel() } })
+                return true
+            }
+            guard started else { return }
             eventLoop.scheduleTask(in: TimeAmount(grace)) { [self] in
-                if phase.load(ordering: .acquiring) == Phase.timedOut.rawValue {
+                let close = phase.withLock { phase in
+                    if case .timedOut = phase { return true }
+                    return false
+                }
+                if close {
                     let closed: EventLoopFuture<Void> = connection.close()
                     _ = closed
                 }
             }
         }
-        timer.withLock { $0 = scheduled }
-    }
-
-    private func move(from: Phase, to: Phase) -> Bool {
-        phase.compareExchange(expected: from.rawValue, desired: to.rawValue, ordering: .acquiringAndReleasing).exchanged
+        phase.withLock { phase in
+            if case .running = phase { phase = .running(timer) }
+        }
+        answer.whenComplete { [self] _ in
+            let pending = phase.withLock { phase -> Scheduled<Void>? in
+                switch phase {
+                case .running(let timer):
+                    phase = .answered
+                    return timer
+                case .timedOut(let task):
+                    phase = .answeredLate(task)
+                    return nil
+                case .answered, .answeredLate:
+                    return nil
+                }
+            }
+            pending?.cancel()
+        }
     }
 
     /// Whether the deadline passed before the answer.
     var timedOut: Bool {
-        let now = phase.load(ordering: .acquiring)
-        return now == Phase.timedOut.rawValue || now == Phase.answeredLate.rawValue
+        phase.withLock { phase in
+            switch phase {
+            case .timedOut, .answeredLate: return true
+            case .running, .answered: return false
+            }
+        }
     }
 
-    /// The statement has its answer: no cancel, no close.
-    func answered() {
-        if move(from: .running, to: .answered) {
-            timer.withLock { $0 }?.cancel()
-        } else {
-            _ = move(from: .timedOut, to: .answeredLate)
+    /// Waits until a cancel request that was started has been sent (or has failed).
+    func cancelSent() async {
+        let task = phase.withLock { phase -> Task<Void, Never>? in
+            switch phase {
+            case .timedOut(let task), .answeredLate(let task): return task
+            case .running, .answered: return nil
+            }
         }
+        await task?.value
     }
 }

@@ -42,13 +42,19 @@ public final class PostgresEngine: DatabaseEngine {
     /// `ROLLBACK`); `nil` for none. At the deadline the engine sends a cancel request
     /// (`pg_cancel_backend`, from a connection of its own), and when the server answers neither
     /// within ``cancelGrace`` — a frozen host — it closes the connection. The statement then fails
-    /// with ``ContextDB/DBError/Code/statementTimeout`` or ``ContextDB/DBError/Code/connectionLost``.
+    /// with ``ContextDB/DBError/Code/statementTimeout``; when the connection was closed, the
+    /// session also treats its transaction as lost. Engines made from a `PostgresClient`
+    /// configuration (no URL) send no cancel request: the connection is closed after the grace.
+    ///
+    /// > Note: A cancel names the backend process, so it needs a direct session to the server;
+    /// > behind a pooler in transaction mode (PgBouncer) use the pooler's `query_timeout` instead.
     public let statementTimeout: Duration?
     /// Whether a connection released clean is reset before the next lease: `RESET ALL`, `SET
     /// SESSION AUTHORIZATION DEFAULT`, advisory locks released, temporary tables dropped, `LISTEN`
     /// channels and open (`WITH HOLD`) cursors closed — what PostgreSQL's `DISCARD ALL` does, but
     /// keeping the connection's prepared statements. One round trip, run after the release,
-    /// not on the request's path. A connection whose reset fails is closed.
+    /// not on the request's path. A connection whose reset fails is closed. Turn it off when
+    /// code keeps PostgresNIO `listen` subscriptions on pooled connections: `UNLISTEN *` ends them.
     public let resetsSessionState: Bool
     /// How long after a statement's cancel request the engine waits for an answer before it
     /// closes the connection: one second.
@@ -104,6 +110,11 @@ public final class PostgresEngine: DatabaseEngine {
     /// Backend process IDs of the pool's connections, for cancel requests (learnt only when a
     /// statement timeout is set). An entry goes when its connection closes.
     private let backendPIDs = Mutex<[ObjectIdentifier: Int32]>([:])
+    /// Connections a statement found lost (a FATAL error may arrive before the channel closes),
+    /// until they close.
+    private let condemned = Mutex<Set<ObjectIdentifier>>([])
+    /// The engine's own connection for cancel requests, opened on the first one and kept.
+    private let canceller = Mutex<Task<PostgresConnection?, Never>?>(nil)
 
     /// Creates an engine for a server and starts its pool. Connects nothing yet.
     /// - Parameters:
@@ -418,8 +429,8 @@ public final class PostgresEngine: DatabaseEngine {
     ///
     /// - Throws: For `COMMIT`, ``ContextDB/DBError/Code/commitFailed`` when the server answers
     ///   with the tag `ROLLBACK` (it rolled back an aborted transaction); when the connection is
-    ///   lost while `COMMIT` runs, ``ContextDB/DBError/Code/connectionLost`` saying that the
-    ///   outcome is unknown. See ``query(_:on:logger:)`` for the rest.
+    ///   lost while `COMMIT` runs, ``ContextDB/DBError/Code/commitOutcomeUnknown``. See
+    ///   ``query(_:on:logger:)`` for the rest.
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
         guard statement == .commit else {
             _ = try await query(PostgresQuery(unsafeSQL: statement.sql), on: connection, logger: logger)
@@ -431,9 +442,12 @@ public final class PostgresEngine: DatabaseEngine {
         let result: PostgresQueryResult
         do {
             result = try await query(Self.commitQuery, on: connection, logger: logger)
-        } catch var error as DBError where error.code == .connectionLost && !error.message.contains("before the statement") {
-            error.message += "; COMMIT had been sent, so whether the transaction committed is unknown: check before retrying"
-            throw error
+        } catch let error as DBError where !(error.underlying is StatementNotSent) && !isConnectionUsable(connection) {
+            throw DBError(
+                .commitOutcomeUnknown,
+                "COMMIT was sent, but the connection was lost before its answer (\(error.message)); the transaction may have committed: check before retrying",
+                host: endpoint.description, underlying: error
+            )
         }
         if result.metadata.command == "ROLLBACK" {
             throw DBError(
@@ -467,14 +481,35 @@ public final class PostgresEngine: DatabaseEngine {
     ///   ``ContextDB/DBError/Code/statementTimeout`` when the deadline cancelled the statement,
     ///   else PostgresNIO's `PSQLError`.
     public func query(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
-        var cancel: (@Sendable () -> Void)?
-        if statementTimeout != nil {
+        var cancel: (@Sendable () async -> Void)?
+        if statementTimeout != nil, probeConfiguration != nil {
             let id = ObjectIdentifier(connection)
-            cancel = { [self] in cancelStatement(on: id) }
+            cancel = { [self] in await cancelStatement(on: id) }
         }
-        return try await connection.guardedQuery(
-            query, host: endpoint.description, logger: logger, timeout: statementTimeout, cancel: cancel
-        )
+        do {
+            return try await connection.guardedQuery(
+                query, host: endpoint.description, logger: logger, timeout: statementTimeout, cancel: cancel
+            )
+        } catch let error as DBError where error.code == .connectionLost || error.code == .statementTimeout && connection.isClosed {
+            condemn(connection)
+            throw error
+        }
+    }
+
+    /// Whether the connection can still run statements: not closed, and no statement found it lost.
+    public func isConnectionUsable(_ connection: PostgresConnection) -> Bool {
+        !connection.isClosed && !condemned.withLock { $0.contains(ObjectIdentifier(connection)) }
+    }
+
+    /// Marks a connection lost and closes it; the mark goes when it has closed.
+    private func condemn(_ connection: PostgresConnection) {
+        let id = ObjectIdentifier(connection)
+        guard condemned.withLock({ $0.insert(id).inserted }) else { return }
+        connection.closeFuture.whenComplete { [self] _ in
+            condemned.withLock { _ = $0.remove(id) }
+        }
+        let closed: EventLoopFuture<Void> = connection.close()
+        _ = closed
     }
 
     private static let commitQuery: PostgresQuery = "COMMIT"
@@ -516,6 +551,7 @@ public final class PostgresEngine: DatabaseEngine {
         for connection in parked { connection.holder.resume(returning: nil) }
         for waiter in waiters { waiter.resume() }
         for holder in holders { await holder.value }
+        if let control = await canceller.withLock({ $0 })?.value { try? await control.close() }
         runTask.cancel()
         await runTask.value
         for holder in leases.withLock({ Array($0.holders.values) }) { await holder.value }
@@ -539,7 +575,7 @@ public final class PostgresEngine: DatabaseEngine {
         END $contextdb_reset$
         """
 
-    /// The longest the reset may take when no statement timeout is set.
+    /// The shortest bound of the reset: at least this, or the statement timeout when longer.
     private static let resetTimeout = Duration.seconds(5)
 
     /// Resets a connection released clean (see ``resetsSessionState``); `false` when it must be closed.
@@ -547,7 +583,7 @@ public final class PostgresEngine: DatabaseEngine {
         guard resetsSessionState else { return !connection.isClosed }
         do {
             _ = try await connection.guardedQuery(
-                Self.resetQuery, host: endpoint.description, logger: logger, timeout: statementTimeout ?? Self.resetTimeout
+                Self.resetQuery, host: endpoint.description, logger: logger, timeout: max(statementTimeout ?? Self.resetTimeout, Self.resetTimeout)
             )
             return true
         } catch {
@@ -557,9 +593,9 @@ public final class PostgresEngine: DatabaseEngine {
     }
 
     /// Learns the backend process ID of a pool connection once, when statements have a
-    /// deadline, so that a cancel request can name it.
+    /// deadline and the engine can send cancel requests, so that a cancel can name it.
     private func learnBackendPID(of connection: PostgresConnection) async {
-        guard let statementTimeout else { return }
+        guard let statementTimeout, probeConfiguration != nil else { return }
         let id = ObjectIdentifier(connection)
         guard backendPIDs.withLock({ $0[id] }) == nil else { return }
         guard let pid = try? await connection.guardedQuery(
@@ -573,19 +609,45 @@ public final class PostgresEngine: DatabaseEngine {
 
     private static let backendPIDQuery: PostgresQuery = "SELECT pg_backend_pid()"
 
-    /// Asks the server to cancel what the connection's backend runs (`pg_cancel_backend`, from
-    /// a direct connection of the engine's; PostgreSQL docs, "Server Signaling Functions").
-    /// Called from an event-loop timer, which has no task to run in: the request gets a task of
-    /// its own, bounded by the connect timeout, and its answer is not awaited — when the server
-    /// does not act, the statement's connection is closed after ``cancelGrace`` anyway.
-    private func cancelStatement(on connection: ObjectIdentifier) {
-        guard let probeConfiguration, let pid = backendPIDs.withLock({ $0[connection] }) else { return }
+    /// Asks the server to cancel what the connection's backend runs (`pg_cancel_backend`, on
+    /// the engine's own cancel connection, opened on first use and kept; PostgreSQL docs, "Server
+    /// Signaling Functions"). Bounded by the connect timeout and ``cancelGrace``; a failure is
+    /// only logged — the statement's connection is closed after ``cancelGrace`` anyway.
+    ///
+    /// > Note: The cancel names the backend process, so it needs a direct session to the
+    /// > server; behind a pooler in transaction mode (PgBouncer) it may reach another client's
+    /// > backend. Leave ``statementTimeout`` off there, or use the pooler's own `query_timeout`.
+    private func cancelStatement(on connection: ObjectIdentifier) async {
+        guard let pid = backendPIDs.withLock({ $0[connection] }) else { return }
         logger.info("statement timeout: sending a cancel request", metadata: ["db.backend_pid": "\(pid)"])
-        Task.detached { [logger] in
-            guard let canceller = try? await PostgresConnection.connect(configuration: probeConfiguration, id: 0, logger: logger) else { return }
-            _ = try? await canceller.query("SELECT pg_cancel_backend(\(pid))", logger: logger)
-            try? await canceller.close()
+        guard let control = await cancelConnection() else { return }
+        do {
+            _ = try await control.guardedQuery(
+                "SELECT pg_cancel_backend(\(pid))", host: endpoint.description, logger: logger,
+                timeout: Self.cancelGrace, grace: .zero
+            )
+        } catch {
+            logger.debug("the cancel request failed", metadata: ["error": "\(String(reflecting: error))"])
         }
+    }
+
+    /// The engine's cancel connection, opened when missing or closed; `nil` when it cannot be had.
+    private func cancelConnection() async -> PostgresConnection? {
+        guard let probeConfiguration else { return nil }
+        let task = canceller.withLock { task -> Task<PostgresConnection?, Never> in
+            if let task { return task }
+            // One connect at a time, shared by every concurrent cancel.
+            let connecting = Task { [logger] in
+                try? await PostgresConnection.connect(configuration: probeConfiguration, id: 0, logger: logger)
+            }
+            task = connecting
+            return connecting
+        }
+        if let connection = await task.value, !connection.isClosed { return connection }
+        canceller.withLock { current in
+            if current == task { current = nil }  // the next cancel connects again
+        }
+        return nil
     }
 
     // MARK: - Diagnosis

@@ -80,7 +80,7 @@ extension PostgresTopology {
             if fit.isEmpty, position != nil, readYourWritesWait > .zero, !snapshot.replicas.isEmpty {
                 var pause = Duration.milliseconds(2)
                 while fit.isEmpty, clock.now - started < readYourWritesWait {
-                    await refresh(snapshot.replicas.map(\.endpoint))
+                    await refresh(snapshot.replicas.map(\.endpoint), timeout: readYourWritesWait - (clock.now - started))
                     snapshot = self.snapshot
                     fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
                     if fit.isEmpty {

@@ -67,15 +67,23 @@ public final class PostgresTopology: Service, Sendable {
         public var lagSeconds: Double?
         /// For a replica, its WAL receiver's status (`pg_stat_wal_receiver.status`, e.g.
         /// `streaming`), or `stopped` when no receiver runs — the replica lost its primary.
+        /// `nil` when a receiver runs but the probing role may not read its status (grant it
+        /// `pg_monitor` or `pg_read_all_stats`); routing then takes it as streaming.
         public var walReceiverStatus: String?
+        /// The replay lag in seconds of the probe before the last, for ``unfitReason(maximumLagBytes:maximumLag:)``:
+        /// a time lag must hold on two probes in a row, as the first write after an idle spell
+        /// briefly reads as a lag as long as the spell.
+        var previousLagSeconds: Double?
         /// Failed probes in a row.
         public var consecutiveFailures: Int
         /// Why the last probe or lease failed, without secrets.
         public var lastError: String?
 
-        /// Why this host may not serve a read without a read-your-own-writes position, or `nil`
-        /// when it may: it must be a healthy replica whose WAL receiver is streaming and that lags
-        /// within each limit that is set (a lag not known yet counts as within).
+        /// Why this host may not serve reads routed to replicas, or `nil` when it may: it must be a
+        /// healthy replica whose WAL receiver is streaming and that lags within each limit that is
+        /// set (a lag not known yet counts as within; a time lag must exceed the limit on two
+        /// probes in a row). A read with a read-your-own-writes position also needs the replica to
+        /// have replayed up to it.
         /// - Parameters:
         ///   - maximumLagBytes: The most WAL bytes it may lag; `nil` for no limit.
         ///   - maximumLag: The most replay lag in time; `nil` for no limit.
@@ -89,8 +97,9 @@ public final class PostgresTopology: Service, Sendable {
             if let maximumLagBytes, let lagBytes, lagBytes > maximumLagBytes {
                 return "lags \(lagBytes) bytes (limit \(maximumLagBytes))"
             }
-            if let maximumLag, let lagSeconds, lagSeconds > Double(maximumLag.components.seconds) + Double(maximumLag.components.attoseconds) / 1e18 {
-                return "lags \(lagSeconds) s (limit \(maximumLag))"
+            let limit = maximumLag.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+            if let limit, let lagSeconds, lagSeconds > limit, (previousLagSeconds ?? .infinity) > limit {
+                return "lags \(lagSeconds) s (limit \(maximumLag.map { "\($0)" } ?? ""))"
             }
             return nil
         }
@@ -167,11 +176,19 @@ public final class PostgresTopology: Service, Sendable {
         }
     }
 
-    /// Probes `endpoints` now and updates their entries (for a bounded read-your-own-writes wait).
-    func refresh(_ endpoints: [PostgresEndpoint]) async {
-        var results: [PostgresEndpoint: Result<Probe, any Error>] = [:]
-        for endpoint in endpoints { results[endpoint] = await probe(endpoint) }
-        apply(results)
+    /// Probes `endpoints` now, concurrently and for at most `timeout`, and updates the entries
+    /// of those that answered (for a bounded read-your-own-writes wait). A probe cut short here
+    /// marks nothing down: that is the background probes' job.
+    func refresh(_ endpoints: [PostgresEndpoint], timeout: Duration) async {
+        let timeout = min(timeout, configuration.probeTimeout)
+        await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
+            for endpoint in endpoints {
+                group.addTask { (endpoint, await self.probe(endpoint, timeout: timeout)) }
+            }
+            for await (endpoint, result) in group {
+                if case .success = result { apply([endpoint: result]) }
+            }
+        }
     }
 
     /// Probes each host every ``Configuration/probeInterval``, each on its own schedule, until
@@ -229,7 +246,8 @@ public final class PostgresTopology: Service, Sendable {
 
     /// Role, position, replay lag in seconds (0 when everything received is replayed, so an idle
     /// primary is no lag) and the WAL receiver's status (PostgreSQL docs, "Recovery Information
-    /// Functions" and "pg_stat_wal_receiver").
+    /// Functions" and "pg_stat_wal_receiver"): `stopped` when no receiver runs, and `NULL` when
+    /// one runs but the probing role may not read its status (it lacks `pg_read_all_stats`).
     private static let probeQuery: PostgresQuery = """
         SELECT pg_is_in_recovery(),
                (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
@@ -237,15 +255,17 @@ public final class PostgresTopology: Service, Sendable {
                     CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
                          ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
                END::float8,
-               CASE WHEN pg_is_in_recovery()
-                    THEN coalesce((SELECT status FROM pg_stat_wal_receiver), 'stopped') END
+               CASE WHEN pg_is_in_recovery() THEN
+                    CASE WHEN EXISTS (SELECT FROM pg_stat_wal_receiver)
+                         THEN (SELECT status FROM pg_stat_wal_receiver) ELSE 'stopped' END
+               END
         """
 
     /// Probes one host: connect (reusing its probe connection) and query, together bounded by
     /// ``Configuration/probeTimeout``. A hung probe's connection is closed at the deadline, so the
     /// probe ends on time whatever the host does.
-    private func probe(_ endpoint: PostgresEndpoint) async -> Result<Probe, any Error> {
-        let timeout = configuration.probeTimeout
+    private func probe(_ endpoint: PostgresEndpoint, timeout: Duration? = nil) async -> Result<Probe, any Error> {
+        let timeout = timeout ?? configuration.probeTimeout
         let deadline = ContinuousClock.now + timeout
         do {
             return .success(try await query(endpoint, deadline: deadline))
@@ -271,7 +291,7 @@ public final class PostgresTopology: Service, Sendable {
             }
         }
         let remaining = ContinuousClock.now.duration(to: deadline)
-        guard remaining > .zero else { throw ProbeTimedOut(timeout: configuration.probeTimeout) }
+        guard remaining > .zero else { throw ProbeTimedOut(timeout: .zero) }  // probe() names the timeout
         let row = try await connection.guardedQuery(
             Self.probeQuery, host: endpoint.description, logger: logger, timeout: remaining, grace: .zero
         ).first
@@ -301,6 +321,7 @@ public final class PostgresTopology: Service, Sendable {
                     host.isHealthy = true
                     host.consecutiveFailures = 0
                     host.position = probe.position
+                    host.previousLagSeconds = host.lagSeconds
                     host.lagSeconds = probe.lagSeconds
                     host.walReceiverStatus = probe.walReceiverStatus
                     host.lastError = nil
@@ -319,16 +340,18 @@ public final class PostgresTopology: Service, Sendable {
                 }
                 snapshot.hosts[index] = host
             }
-            // Lag against the primary's position of this round.
+            // A replica's byte lag against the primary's latest position, when the replica's own
+            // probe lands (or it has none yet): not against a replica position older than the
+            // primary's, which would overstate the lag by one probe interval of WAL.
             let primaryPosition = snapshot.primary?.position
             for index in snapshot.hosts.indices where snapshot.hosts[index].role == .replica {
+                let ownProbe = results[snapshot.hosts[index].endpoint] != nil
+                guard ownProbe || primaryPosition == nil || snapshot.hosts[index].lagBytes == nil else { continue }
                 guard let primaryPosition, let position = snapshot.hosts[index].position else {
                     snapshot.hosts[index].lagBytes = nil
                     continue
                 }
-                let lag = primaryPosition.bytes(since: position)
-                snapshot.hosts[index].lagBytes = lag
-                if lag == 0 { snapshot.hosts[index].lagSeconds = 0 }
+                snapshot.hosts[index].lagBytes = primaryPosition.bytes(since: position)
             }
             return changes
         }

@@ -93,6 +93,23 @@ struct ServerFaultTests {
         }
     }
 
+    @Test func aStatementRightAfterTheConnectionClosesFailsInsteadOfWaiting() async throws {
+        let engine = try PostgresEngine(url: PostgresURL(TestCluster.primaryURL), maximumConnections: 2)
+        for _ in 0..<20 {
+            let connection = try await engine.leaseConnection()
+            let closing: EventLoopFuture<Void> = connection.close()  // from off the event loop, not awaited
+            let error = await expectDBError(.connectionLost) {
+                _ = try await engine.query("SELECT 1", on: connection, logger: engine.logger)
+            }
+            #expect(error?.host == engine.endpoint.description)
+            #expect(!engine.isConnectionUsable(connection))
+            try? await closing.get()
+            await engine.releaseConnection(connection, reusable: false)
+        }
+        #expect(engine.leasedConnectionCount == 0)
+        await engine.shutdown()
+    }
+
     @Test func theNextBorrowerGetsACleanSession() async throws {
         let connect = try DBConnect(url: TestCluster.primaryURL, maximumConnections: 1)
         try await using(connect) {

@@ -167,6 +167,20 @@ import TestSupport
         #expect(database.statements.suffix(3) == ["c2: BEGIN", "c2: INSERT", "c2: COMMIT"])
     }
 
+    @Test func aCommitWhoseAnswerWasLostIsReportedAsUnknownAndNeverRetried() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(label: "primary", database: database)
+        database.loseNextCommitAnswer()
+        let error = await expectDBError(.commitOutcomeUnknown) {
+            try await withDBContext { try await connect.session().execute("INSERT") }
+        }
+        #expect(error?.connect == "primary")
+        #expect(database.committedRows == 1, "it did commit: the outcome was only unknown to the client")
+        #expect(database.statements == ["c1: BEGIN", "c1: INSERT", "c1: COMMIT"], "no ROLLBACK, no second COMMIT")
+        #expect(database.log.contains("release c1 broken"))
+        #expect(database.leasedCount == 0)
+    }
+
     @Test func aCommitOnAConnectionTheServerEndedFails() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(database: database)

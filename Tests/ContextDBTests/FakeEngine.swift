@@ -22,6 +22,8 @@ final class FakeDatabase: Sendable {
         var aborted: Set<Int> = []
         /// Connections the "server" closed: every statement on them fails with `connectionLost`.
         var closedByServer: Set<Int> = []
+        /// The next COMMIT commits, then its answer is lost with the connection.
+        var losesNextCommitAnswer = false
         var gates: [Int: CheckedContinuation<Void, Never>] = [:]
         var waitingForGate: [CheckedContinuation<Void, Never>] = []
     }
@@ -42,6 +44,8 @@ final class FakeDatabase: Sendable {
         }
     }
     func failNext(_ statement: String) { state.withLock { _ = $0.failures.insert(statement) } }
+    /// Makes the next COMMIT commit, then lose its answer with the connection.
+    func loseNextCommitAnswer() { state.withLock { $0.losesNextCommitAnswer = true } }
     /// Ends every leased connection, as `pg_terminate_backend` would: open transactions are lost.
     func terminateLeasedConnections() {
         state.withLock { state in
@@ -101,6 +105,11 @@ final class FakeDatabase: Sendable {
                     throw DBError(.commitFailed, "the server rolled the transaction back", host: connection.host)
                 }
                 state.committedRows += state.pendingRows.removeValue(forKey: id) ?? 0
+                if state.losesNextCommitAnswer {
+                    state.losesNextCommitAnswer = false
+                    state.closedByServer.insert(id)
+                    throw DBError(.commitOutcomeUnknown, "COMMIT was sent, but its answer was lost", host: connection.host)
+                }
             case "ROLLBACK":
                 state.pendingRows[id] = nil
                 state.inTransaction.remove(id)
@@ -169,6 +178,10 @@ struct FakeEngine: DatabaseEngine {
 
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws {
         try await database.run(statement.sql, on: connection)
+    }
+
+    func isConnectionUsable(_ connection: Connection) -> Bool {
+        !database.state.withLock { $0.closedByServer.contains(connection.id) }
     }
 
     func shutdown() async {
