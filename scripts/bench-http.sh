@@ -6,7 +6,9 @@
 #   write-then-read POST /items/write_then_read   INSERT on the primary, then SELECT on the replica
 # The example runs twice: with READ_YOUR_WRITES=off it sends the same SQL as the baseline (the
 # like-for-like ratio); as shipped, read-your-own-writes adds two round trips per committed write
-# and makes write-then-read wait for the replica (reported as its own rows).
+# and makes write-then-read wait for the replica (reported as its own rows). A fourth server,
+# example-noreset, is the like-for-like example with RESET_SESSION_STATE=off: the difference
+# from `example` is what resetting released connections costs.
 # Prints requests/s, p50 and p99 for each, and the example/baseline ratios.
 #
 # Each workload runs BENCH_ROUNDS times per server, the order rotated each round, after a VACUUM
@@ -25,6 +27,7 @@ threads=${BENCH_THREADS:-2}
 example_port=8180
 baseline_port=8181
 ryow_port=8182
+noreset_port=8183
 
 export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-58432}
 export PG_REPLICA_PORT=${PG_REPLICA_PORT:-58433}
@@ -59,6 +62,9 @@ until curl -sf "http://127.0.0.1:$example_port/health" >/dev/null; do sleep 0.2;
 LOG_LEVEL=warning "$example_bin" --port "$ryow_port" > "$work/example-ryow.log" 2>&1 &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$ryow_port/health" >/dev/null; do sleep 0.2; done
+RESET_SESSION_STATE=off READ_YOUR_WRITES=off LOG_LEVEL=warning "$example_bin" --port "$noreset_port" > "$work/example-noreset.log" 2>&1 &
+pids+=($!)
+until curl -sf "http://127.0.0.1:$noreset_port/health" >/dev/null; do sleep 0.2; done
 "$baseline_bin" "$baseline_port" > "$work/baseline.log" 2>&1 &
 pids+=($!)
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$baseline_port/items/0")" = 404 ]; do sleep 0.2; done
@@ -96,7 +102,7 @@ settle() { # before each measurement: no autovacuum or checkpoint of the previou
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-servers=(example baseline example+ryow)
+servers=(example baseline example+ryow example-noreset)
 printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx
 declare -A result
 for workload in insert read write-then-read; do
@@ -113,6 +119,7 @@ for workload in insert read write-then-read; do
                 example) port=$example_port ;;
                 baseline) port=$baseline_port ;;
                 example+ryow) port=$ryow_port ;;
+                example-noreset) port=$noreset_port ;;
             esac
             settle
             read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
@@ -127,7 +134,8 @@ for workload in insert read write-then-read; do
     e=$(median <<<"${result[$workload.example]}")
     b=$(median <<<"${result[$workload.baseline]}")
     r=$(median <<<"${result[$workload.example+ryow]}")
-    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" \
-        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f)\n", w, e, b, e / b, r, r / b }'
+    n=$(median <<<"${result[$workload.example-noreset]}")
+    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" -v n="$n" \
+        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f; without the session reset: %8.1f, reset cost %.1f%%)\n", w, e, b, e / b, r, r / b, n, (1 - e / n) * 100 }'
 done
 echo "(machine: $(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB; wrk -t$threads -c$connections -d$duration)"

@@ -15,7 +15,7 @@ extension DBConnect {
 
     /// Commits the context session's open transaction, if any. Does nothing when there is no
     /// session or no transaction.
-    /// - Throws: ``DBError/Code/noContext`` outside a context; ``DBError/Code/commitFailed``.
+    /// - Throws: ``DBError/Code/noContext`` outside a context; ``DBError/Code/commitFailed`` or ``DBError/Code/commitOutcomeUnknown``.
     public func commit() async throws {
         try await existingSession()?.commit()
     }
@@ -43,7 +43,7 @@ extension DBConnect {
     ///   - body: The work, given the context session.
     /// - Returns: What `body` returns.
     /// - Throws: What `body` throws, ``DBError/Code/transactionAlreadyOpen`` in mode `.fail`,
-    ///   or ``DBError/Code/commitFailed``.
+    ///   or ``DBError/Code/commitFailed`` or ``DBError/Code/commitOutcomeUnknown``.
     public func atomic<R>(
         _ mode: DBAtomicMode = .commit,
         isolation: isolated (any Actor)? = #isolation,
@@ -100,7 +100,7 @@ extension DBConnect {
     /// returns, rolls back when it throws, closes the session either way.
     /// - Parameter body: The work, given the session.
     /// - Returns: What `body` returns.
-    /// - Throws: What `body` throws, or ``DBError/Code/commitFailed``.
+    /// - Throws: What `body` throws, or ``DBError/Code/commitFailed`` or ``DBError/Code/commitOutcomeUnknown``.
     public func withTransaction<R>(
         isolation: isolated (any Actor)? = #isolation,
         _ body: (DBSession<Engine>) async throws -> R

@@ -165,7 +165,8 @@ public final class DBContext: Sendable {
     /// session is not committed. On the first failure the remaining open transactions are rolled
     /// back and the error is rethrown. Sessions committed before the failure stay committed.
     /// - Parameter beforeCommit: Runs before each commit with the session about to commit.
-    /// - Throws: What `beforeCommit` threw, or a ``DBError`` with code ``DBError/Code/commitFailed``.
+    /// - Throws: What `beforeCommit` threw, or a ``DBError`` with code ``DBError/Code/commitFailed``
+    ///   (or ``DBError/Code/commitOutcomeUnknown`` when a `COMMIT`'s answer was lost).
     nonisolated(nonsending) public func commitAll(
         beforeCommit: (@Sendable (any AnyDBSession) async throws -> Void)? = nil
     ) async throws {

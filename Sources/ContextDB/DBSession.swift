@@ -183,14 +183,22 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         }
     }
 
-    /// After a failure: when the engine says the connection is dead, discard it.
+    /// After a failure: when the connection is dead, discard it.
     nonisolated(nonsending) private func discardIfUnusable(after error: any Error) async {
-        guard let lease = state.withLock({ Self.currentLease($0) }), !lease.engine.isConnectionUsable(lease.connection) else {
-            return
-        }
-        await connectionLost(
-            error as? DBError ?? DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error)
-        )
+        guard let lease = state.withLock({ Self.currentLease($0) }), Self.isLost(lease, after: error) else { return }
+        await connectionLost(lostError(error))
+    }
+
+    /// Whether `error` left the lease's connection dead: the engine says so, or (for an engine
+    /// that cannot tell) the error is ``DBError/Code/connectionLost``.
+    private static func isLost(_ lease: DBLease<Engine>, after error: any Error) -> Bool {
+        (error as? DBError)?.code == .connectionLost || !lease.engine.isConnectionUsable(lease.connection)
+    }
+
+    /// The error a lost transaction is remembered by.
+    private func lostError(_ error: any Error) -> DBError {
+        if let error = error as? DBError, error.code == .connectionLost || error.code == .statementTimeout { return error }
+        return DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error)
     }
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
@@ -354,7 +362,11 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             state.busy = false
             guard state.releaseWhenIdle else { return nil }
             state.releaseWhenIdle = false
-            return Self.currentLease(state)
+            guard let lease = Self.currentLease(state) else {
+                state.endTransaction()  // closed while its connection was lost: nothing to release
+                return nil
+            }
+            return lease
         }
         if let release { await finalRelease(release) }
     }
@@ -393,7 +405,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             state.withLock { $0.endTransaction() }
             await leave()
             throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
-        } catch let error as DBError where error.code == .commitOutcomeUnknown || !lease.engine.isConnectionUsable(lease.connection) {
+        } catch let error as DBError where error.code == .commitOutcomeUnknown || Self.isLost(lease, after: error) {
             await connectionLost(error)
             state.withLock { $0.endTransaction() }
             await leave()
@@ -401,7 +413,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
                 throw DBError(.commitOutcomeUnknown, error.message, connect: connect.label, host: host, underlying: error.underlying)
             }
             throw DBError(
-                .commitFailed, "COMMIT was not sent: \(error.message); the server rolled the transaction back, nothing of it was saved",
+                .commitFailed,
+                "the connection was lost before the transaction could end (\(error.message)); the server rolled it back, nothing of it was saved",
                 connect: connect.label, host: host, underlying: error
             )
         } catch {
@@ -433,9 +446,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             try await runRollback(lease)
             state.withLock { $0.endTransaction() }
             await leave()
-        } catch where !lease.engine.isConnectionUsable(lease.connection) {
+        } catch where Self.isLost(lease, after: error) {
             // The server rolls back the transaction of a connection that ends.
-            await connectionLost(error as? DBError ?? DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error))
+            await connectionLost(lostError(error))
             state.withLock { $0.endTransaction() }
             await leave()
         } catch {

@@ -31,15 +31,16 @@ public protocol DatabaseEngine: Sendable {
     ///   it (PostgreSQL answers `COMMIT` of an aborted transaction with the tag `ROLLBACK`): the
     ///   session then knows the transaction is over. For `COMMIT`, a ``DBError`` with code
     ///   ``DBError/Code/commitOutcomeUnknown`` when it was sent and its answer was lost. A
-    ///   ``DBError`` with code ``DBError/Code/connectionLost`` when the server had closed the
-    ///   connection before the statement was sent (then retrying `BEGIN` elsewhere is safe).
-    ///   Any other error for a statement that failed.
+    ///   ``DBError`` with code ``DBError/Code/connectionLost`` when the server closed the
+    ///   connection (the session then discards it, and retries a failed `BEGIN` on a new
+    ///   connection: nothing ran in it). Any other error for a statement that failed.
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws
 
     /// Whether a leased connection can still run statements: `false` once the server closed it
     /// or the engine gave up on it (a statement past its deadline, say). After a failure the
     /// session asks this, not the error, to decide whether the connection and its open
-    /// transaction are lost. The default (in an extension) answers `true`.
+    /// transaction are lost (a ``DBError/Code/connectionLost`` error counts as lost too). The
+    /// default (in an extension) answers `true`.
     /// - Parameter connection: A connection this engine leased.
     func isConnectionUsable(_ connection: Connection) -> Bool
 

@@ -16,7 +16,8 @@ struct ExampleCommand: AsyncParsableCommand {
             local cluster of scripts/pg-cluster.sh. REPLICA_MAX_LAG_BYTES (default 16 MiB) and \
             REPLICA_MAX_LAG_SECONDS (default 10) limit how far a replica may lag to serve a read \
             that carries no X-WAL-LSN token. Statements have a 5 s deadline. \
-            READ_YOUR_WRITES=off turns read-your-own-writes off (on by default).
+            READ_YOUR_WRITES=off turns read-your-own-writes off (on by default); \
+            RESET_SESSION_STATE=off skips resetting released connections (to measure its cost).
             """
     )
 
@@ -34,9 +35,11 @@ struct ExampleCommand: AsyncParsableCommand {
         let maximumLagBytes = environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) } ?? PostgresTopology.defaultMaximumLagBytes
         let maximumLag = environment["REPLICA_MAX_LAG_SECONDS"].flatMap { Int64($0) }.map { Duration.seconds($0) }
             ?? PostgresTopology.defaultMaximumLag
-        let readYourWrites = ProcessInfo.processInfo.environment["READ_YOUR_WRITES"] != "off"
+        let readYourWrites = environment["READ_YOUR_WRITES"] != "off"
+        let resetsSessionState = environment["RESET_SESSION_STATE"] != "off"
         let database = try ExampleDatabase(
-            url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites, logger: logger
+            url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites,
+            resetsSessionState: resetsSessionState, logger: logger
         )
         let app = try await buildApplication(database: database, hostname: hostname, port: port, logger: logger)
         try await app.runService()

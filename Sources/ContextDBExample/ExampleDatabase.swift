@@ -32,6 +32,8 @@ struct ExampleDatabase: Sendable {
     ///     Default 16 MiB.
     ///   - maximumLag: The most a replica's replay may lag in time to serve a read without a
     ///     token. Default 10 seconds.
+    ///   - resetsSessionState: Reset each released connection before the next lease (the
+    ///     library's default); `false` to measure what the reset costs.
     ///   - readYourWrites: Record each write's WAL position so later reads wait for it (two more
     ///     round trips per committed write); `false` for the plain cost, as in the HTTP benchmark.
     init(
@@ -40,6 +42,7 @@ struct ExampleDatabase: Sendable {
         maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
         maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         readYourWrites: Bool = true,
+        resetsSessionState: Bool = true,
         topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
         logger: Logger
     ) throws {
@@ -48,13 +51,13 @@ struct ExampleDatabase: Sendable {
         topology = try PostgresTopology(url: url, configuration: configuration, logger: logger)
         primary = try DBConnect(
             label: "primary", url: url, maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
-            statementTimeout: Self.statementTimeout, readYourWrites: readYourWrites,
+            statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, readYourWrites: readYourWrites,
             logger: logger, beforeCreateSession: topology.primaryHook()
         )
         replica = try DBConnect(
             label: "replica", url: url, options: DBSessionOptions(readOnly: true),
             maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
-            statementTimeout: Self.statementTimeout, logger: logger,
+            statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, logger: logger,
             beforeCreateSession: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
         )
     }

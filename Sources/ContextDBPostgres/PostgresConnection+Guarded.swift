@@ -18,15 +18,17 @@ extension PostgresConnection {
     /// - with a `timeout`, is cancelled at the deadline (`cancel`), and its connection closed
     ///   `grace` later when the server answers neither.
     ///
-    /// The checks are event-loop callbacks; only a cancel request runs in a task of its own, and
-    /// the statement's caller waits for it, so that a late cancel never reaches the connection's
-    /// next statement.
+    /// The checks are event-loop callbacks; only a cancel request runs in a task of its own.
+    /// While the connection is open, the statement's caller waits for that request, and when the
+    /// server did not confirm it, closes the connection: a late cancel must never reach the
+    /// connection's next statement.
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
     ///   - host: The server, for errors.
     ///   - logger: Where PostgresNIO logs the statement.
     ///   - timeout: The client-side deadline; `nil` for none.
-    ///   - cancel: Asks the server to cancel the statement (PostgreSQL's cancel request).
+    ///   - cancel: Asks the server to cancel the statement (PostgreSQL's cancel request); returns
+    ///     whether the server confirmed it.
     ///   - grace: How long after the deadline (and the cancel) the connection is closed when the
     ///     statement still has no answer. Default ``PostgresEngine/cancelGrace``.
     /// - Returns: The rows and the command tag.
@@ -39,7 +41,7 @@ extension PostgresConnection {
         host: String,
         logger: Logger,
         timeout: Duration?,
-        cancel: (@Sendable () async -> Void)? = nil,
+        cancel: (@Sendable () async -> Bool)? = nil,
         grace: Duration = PostgresEngine.cancelGrace
     ) async throws -> PostgresQueryResult {
         guard !isClosed else {
@@ -68,12 +70,22 @@ extension PostgresConnection {
         let deadline = StatementDeadline(self, answer: answer.futureResult, timeout: timeout, grace: grace, cancel: cancel)
         do {
             let result = try await answer.futureResult.get()
-            // A cancel request on its way must arrive before the connection's next statement.
-            await deadline.cancelSent()
+            await settleCancel(deadline)
             return result
         } catch {
-            await deadline.cancelSent()
+            await settleCancel(deadline)
             throw classify(error, host: host, timedOut: deadline.timedOut ? timeout : nil)
+        }
+    }
+
+    /// A cancel request on its way must arrive before the connection's next statement: wait for
+    /// it while the connection is open (a closed one runs no next statement), and close the
+    /// connection when the server did not confirm it.
+    private func settleCancel(_ deadline: StatementDeadline) async {
+        guard deadline.timedOut, !isClosed else { return }
+        if await !deadline.cancelConfirmed() {
+            let closed: EventLoopFuture<Void> = close()
+            _ = closed
         }
     }
 
@@ -134,23 +146,23 @@ struct StatementNotSent: Error, CustomStringConvertible {
 private final class StatementDeadline: Sendable {
     private enum Phase: Sendable {
         case running(Scheduled<Void>?)
-        case timedOut(Task<Void, Never>?)
+        case timedOut(Task<Bool, Never>?)
         case answered
-        case answeredLate(Task<Void, Never>?)
+        case answeredLate(Task<Bool, Never>?)
     }
 
     private let phase = Mutex<Phase>(.running(nil))
 
     init(
         _ connection: PostgresConnection, answer: EventLoopFuture<PostgresQueryResult>, timeout: Duration, grace: Duration,
-        cancel: (@Sendable () async -> Void)?
+        cancel: (@Sendable () async -> Bool)?
     ) {
         let eventLoop = connection.eventLoop
         let timer = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
             let started = phase.withLock { phase -> Bool in
                 guard case .running = phase else { return false }
                 // A timer callback has no task to run in: the cancel request gets its own, and
-                // the statement's caller awaits it (`cancelSent()`).
+                // the statement's caller awaits it (`cancelConfirmed()`).
                 phase = .timedOut(cancel.map { cancel in Task { await cancel() } })
                 return true
             }
@@ -196,14 +208,15 @@ private final class StatementDeadline: Sendable {
         }
     }
 
-    /// Waits until a cancel request that was started has been sent (or has failed).
-    func cancelSent() async {
-        let task = phase.withLock { phase -> Task<Void, Never>? in
+    /// Waits for the cancel request the deadline started; whether the server confirmed it
+    /// (`false` also when none could be sent).
+    func cancelConfirmed() async -> Bool {
+        let task = phase.withLock { phase -> Task<Bool, Never>? in
             switch phase {
             case .timedOut(let task), .answeredLate(let task): return task
             case .running, .answered: return nil
             }
         }
-        await task?.value
+        return await task?.value ?? false
     }
 }

@@ -113,8 +113,9 @@ public final class PostgresEngine: DatabaseEngine {
     /// Connections a statement found lost (a FATAL error may arrive before the channel closes),
     /// until they close.
     private let condemned = Mutex<Set<ObjectIdentifier>>([])
-    /// The engine's own connection for cancel requests, opened on the first one and kept.
-    private let canceller = Mutex<Task<PostgresConnection?, Never>?>(nil)
+    /// The engine's own connection for cancel requests, opened on the first one and kept;
+    /// `closed` once the engine shut down.
+    private let canceller = Mutex<(connecting: Task<PostgresConnection?, Never>?, closed: Bool)>((nil, false))
 
     /// Creates an engine for a server and starts its pool. Connects nothing yet.
     /// - Parameters:
@@ -345,7 +346,7 @@ public final class PostgresEngine: DatabaseEngine {
     /// task parks it for the next lease, returns it to the pool, or closes it when `reusable`
     /// is false.
     public func releaseConnection(_ connection: PostgresConnection, reusable: Bool) async {
-        removeHeld { _ in ObjectIdentifier(connection) }?.release(reusable: reusable)
+        removeHeld { _ in ObjectIdentifier(connection) }?.release(reusable: reusable && isConnectionUsable(connection))
     }
 
     /// Removes the held lease whose connection `find` names (under the lock) and wakes
@@ -481,7 +482,7 @@ public final class PostgresEngine: DatabaseEngine {
     ///   ``ContextDB/DBError/Code/statementTimeout`` when the deadline cancelled the statement,
     ///   else PostgresNIO's `PSQLError`.
     public func query(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
-        var cancel: (@Sendable () async -> Void)?
+        var cancel: (@Sendable () async -> Bool)?
         if statementTimeout != nil, probeConfiguration != nil {
             let id = ObjectIdentifier(connection)
             cancel = { [self] in await cancelStatement(on: id) }
@@ -551,7 +552,11 @@ public final class PostgresEngine: DatabaseEngine {
         for connection in parked { connection.holder.resume(returning: nil) }
         for waiter in waiters { waiter.resume() }
         for holder in holders { await holder.value }
-        if let control = await canceller.withLock({ $0 })?.value { try? await control.close() }
+        let cancelling = canceller.withLock { state in
+            state.closed = true
+            return state.connecting
+        }
+        if let control = await cancelling?.value { try? await control.close() }
         runTask.cancel()
         await runTask.value
         for holder in leases.withLock({ Array($0.holders.values) }) { await holder.value }
@@ -611,41 +616,57 @@ public final class PostgresEngine: DatabaseEngine {
 
     /// Asks the server to cancel what the connection's backend runs (`pg_cancel_backend`, on
     /// the engine's own cancel connection, opened on first use and kept; PostgreSQL docs, "Server
-    /// Signaling Functions"). Bounded by the connect timeout and ``cancelGrace``; a failure is
-    /// only logged — the statement's connection is closed after ``cancelGrace`` anyway.
+    /// Signaling Functions"). Connect and query are each bounded by ``cancelGrace``. Returns
+    /// whether the server confirmed the request; when it did not, the caller closes the
+    /// statement's connection rather than risk a late cancel hitting its next statement.
     ///
     /// > Note: The cancel names the backend process, so it needs a direct session to the
     /// > server; behind a pooler in transaction mode (PgBouncer) it may reach another client's
     /// > backend. Leave ``statementTimeout`` off there, or use the pooler's own `query_timeout`.
-    private func cancelStatement(on connection: ObjectIdentifier) async {
-        guard let pid = backendPIDs.withLock({ $0[connection] }) else { return }
+    private func cancelStatement(on connection: ObjectIdentifier) async -> Bool {
+        guard let pid = backendPIDs.withLock({ $0[connection] }) else { return false }
         logger.info("statement timeout: sending a cancel request", metadata: ["db.backend_pid": "\(pid)"])
-        guard let control = await cancelConnection() else { return }
+        guard let control = await cancelConnection() else { return false }
         do {
-            _ = try await control.guardedQuery(
+            return try await control.guardedQuery(
                 "SELECT pg_cancel_backend(\(pid))", host: endpoint.description, logger: logger,
                 timeout: Self.cancelGrace, grace: .zero
-            )
+            ).first?.decode(Bool.self) ?? false
         } catch {
             logger.debug("the cancel request failed", metadata: ["error": "\(String(reflecting: error))"])
+            return false
         }
     }
 
     /// The engine's cancel connection, opened when missing or closed; `nil` when it cannot be had.
     private func cancelConnection() async -> PostgresConnection? {
-        guard let probeConfiguration else { return nil }
-        let task = canceller.withLock { task -> Task<PostgresConnection?, Never> in
-            if let task { return task }
-            // One connect at a time, shared by every concurrent cancel.
-            let connecting = Task { [logger] in
-                try? await PostgresConnection.connect(configuration: probeConfiguration, id: 0, logger: logger)
+        guard var configuration = probeConfiguration else { return nil }
+        configuration.options.connectTimeout = TimeAmount(Self.cancelGrace)  // a frozen host never delays a statement longer
+        let cancelConfiguration = configuration
+        for _ in 0..<2 {  // a kept connection the server closed since: connect once more
+            let task = canceller.withLock { state -> Task<PostgresConnection?, Never>? in
+                guard !state.closed else { return nil }
+                if let connecting = state.connecting { return connecting }
+                // One connect at a time, shared by every concurrent cancel.
+                let connecting = Task { [logger] in
+                    try? await PostgresConnection.connect(configuration: cancelConfiguration, id: 0, logger: logger)
+                }
+                state.connecting = connecting
+                return connecting
             }
-            task = connecting
-            return connecting
-        }
-        if let connection = await task.value, !connection.isClosed { return connection }
-        canceller.withLock { current in
-            if current == task { current = nil }  // the next cancel connects again
+            guard let task else { return nil }
+            let connection = await task.value
+            if let connection, !connection.isClosed {
+                if canceller.withLock({ $0.closed }) {
+                    try? await connection.close()  // opened while the engine shut down
+                    return nil
+                }
+                return connection
+            }
+            canceller.withLock { state in
+                if state.connecting == task { state.connecting = nil }
+            }
+            guard connection != nil else { return nil }  // the connect failed: no second try now
         }
         return nil
     }

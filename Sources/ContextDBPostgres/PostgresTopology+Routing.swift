@@ -62,7 +62,8 @@ extension PostgresTopology {
     ///     10 seconds (``defaultMaximumLag``).
     ///   - fallbackToPrimary: Use the primary when no replica is fit. Default `true`.
     ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
-    ///     Default 500 ms.
+    ///     Default 500 ms. A re-probe already running finishes first, so a replica that stopped
+    ///     answering and is not marked down yet can stretch the wait by up to one probe timeout.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func replicaHook(
         policy: DBReplicaPolicy = .roundRobin,
@@ -80,7 +81,7 @@ extension PostgresTopology {
             if fit.isEmpty, position != nil, readYourWritesWait > .zero, !snapshot.replicas.isEmpty {
                 var pause = Duration.milliseconds(2)
                 while fit.isEmpty, clock.now - started < readYourWritesWait {
-                    await refresh(snapshot.replicas.map(\.endpoint), timeout: readYourWritesWait - (clock.now - started))
+                    await refreshForPosition(snapshot.replicas.map(\.endpoint))
                     snapshot = self.snapshot
                     fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
                     if fit.isEmpty {

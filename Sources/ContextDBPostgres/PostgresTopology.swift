@@ -63,12 +63,13 @@ public final class PostgresTopology: Service, Sendable {
         public var lagBytes: UInt64?
         /// For a replica, seconds since the last transaction it replayed was committed on the
         /// primary (`now() - pg_last_xact_replay_timestamp()`), or 0 when it has replayed all the
-        /// WAL it received or all the primary wrote (an idle primary is no lag); `nil` when unknown.
+        /// WAL it received (an idle primary is no lag); `nil` when unknown.
         public var lagSeconds: Double?
         /// For a replica, its WAL receiver's status (`pg_stat_wal_receiver.status`, e.g.
         /// `streaming`), or `stopped` when no receiver runs — the replica lost its primary.
-        /// `nil` when a receiver runs but the probing role may not read its status (grant it
-        /// `pg_monitor` or `pg_read_all_stats`); routing then takes it as streaming.
+        /// `nil` when a receiver runs but the probing role may not read its status; routing then
+        /// takes it as streaming, so a receiver stuck reconnecting to a vanished primary goes
+        /// unnoticed: grant the probing role `pg_monitor` (or `pg_read_all_stats`).
         public var walReceiverStatus: String?
         /// The replay lag in seconds of the probe before the last, for ``unfitReason(maximumLagBytes:maximumLag:)``:
         /// a time lag must hold on two probes in a row, as the first write after an idle spell
@@ -98,7 +99,7 @@ public final class PostgresTopology: Service, Sendable {
                 return "lags \(lagBytes) bytes (limit \(maximumLagBytes))"
             }
             let limit = maximumLag.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
-            if let limit, let lagSeconds, lagSeconds > limit, (previousLagSeconds ?? .infinity) > limit {
+            if let limit, let lagSeconds, lagSeconds > limit, let previousLagSeconds, previousLagSeconds > limit {
                 return "lags \(lagSeconds) s (limit \(maximumLag.map { "\($0)" } ?? ""))"
             }
             return nil
@@ -131,6 +132,7 @@ public final class PostgresTopology: Service, Sendable {
     private let url: PostgresURL
     private let state: Mutex<Snapshot>
     private let probeConnections = Mutex<[PostgresEndpoint: PostgresConnection]>([:])
+    private let warnedUnprivileged = Atomic<Bool>(false)
     let turn = Atomic<Int>(0)
 
     /// Creates a topology for the hosts of a URI. Probes nothing until ``run()`` or ``refresh()``.
@@ -176,18 +178,15 @@ public final class PostgresTopology: Service, Sendable {
         }
     }
 
-    /// Probes `endpoints` now, concurrently and for at most `timeout`, and updates the entries
-    /// of those that answered (for a bounded read-your-own-writes wait). A probe cut short here
-    /// marks nothing down: that is the background probes' job.
-    func refresh(_ endpoints: [PostgresEndpoint], timeout: Duration) async {
-        let timeout = min(timeout, configuration.probeTimeout)
+    /// Probes `endpoints` now, concurrently, and updates their entries as each answers (for the
+    /// read-your-own-writes wait). Each probe has the full ``Configuration/probeTimeout``: a
+    /// shorter one would close the host's shared probe connection on a merely slow answer.
+    func refreshForPosition(_ endpoints: [PostgresEndpoint]) async {
         await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
             for endpoint in endpoints {
-                group.addTask { (endpoint, await self.probe(endpoint, timeout: timeout)) }
+                group.addTask { (endpoint, await self.probe(endpoint)) }
             }
-            for await (endpoint, result) in group {
-                if case .success = result { apply([endpoint: result]) }
-            }
+            for await (endpoint, result) in group { apply([endpoint: result], background: false) }
         }
     }
 
@@ -246,8 +245,9 @@ public final class PostgresTopology: Service, Sendable {
 
     /// Role, position, replay lag in seconds (0 when everything received is replayed, so an idle
     /// primary is no lag) and the WAL receiver's status (PostgreSQL docs, "Recovery Information
-    /// Functions" and "pg_stat_wal_receiver"): `stopped` when no receiver runs, and `NULL` when
-    /// one runs but the probing role may not read its status (it lacks `pg_read_all_stats`).
+    /// Functions" and "pg_stat_wal_receiver"), the view read once: `stopped` when no receiver
+    /// runs, and `''` when one runs but the probing role may not read its status (it lacks
+    /// `pg_read_all_stats`).
     private static let probeQuery: PostgresQuery = """
         SELECT pg_is_in_recovery(),
                (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text,
@@ -255,41 +255,46 @@ public final class PostgresTopology: Service, Sendable {
                     CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0
                          ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END
                END::float8,
-               CASE WHEN pg_is_in_recovery() THEN
-                    CASE WHEN EXISTS (SELECT FROM pg_stat_wal_receiver)
-                         THEN (SELECT status FROM pg_stat_wal_receiver) ELSE 'stopped' END
-               END
+               CASE WHEN pg_is_in_recovery()
+                    THEN coalesce((SELECT coalesce(status, '') FROM pg_stat_wal_receiver), 'stopped') END
         """
 
     /// Probes one host: connect (reusing its probe connection) and query, together bounded by
     /// ``Configuration/probeTimeout``. A hung probe's connection is closed at the deadline, so the
     /// probe ends on time whatever the host does.
-    private func probe(_ endpoint: PostgresEndpoint, timeout: Duration? = nil) async -> Result<Probe, any Error> {
-        let timeout = timeout ?? configuration.probeTimeout
+    private func probe(_ endpoint: PostgresEndpoint) async -> Result<Probe, any Error> {
+        let timeout = configuration.probeTimeout
         let deadline = ContinuousClock.now + timeout
+        var used: PostgresConnection?
         do {
-            return .success(try await query(endpoint, deadline: deadline))
+            let connection = try await probeConnection(to: endpoint, deadline: deadline)
+            used = connection
+            return .success(try await query(endpoint, on: connection, deadline: deadline))
         } catch {
-            // A failed or hung probe connection is never reused.
-            if let connection = probeConnections.withLock({ $0.removeValue(forKey: endpoint) }) {
-                try? await connection.close()
+            // A failed or hung probe connection is never reused; another probe's newer one stays.
+            if let used {
+                probeConnections.withLock { connections in
+                    if connections[endpoint] === used { connections[endpoint] = nil }
+                }
+                try? await used.close()
             }
             return .failure(ContinuousClock.now >= deadline ? ProbeTimedOut(timeout: timeout) : error)
         }
     }
 
-    private func query(_ endpoint: PostgresEndpoint, deadline: ContinuousClock.Instant) async throws -> Probe {
-        let connection: PostgresConnection
-        if let existing = probeConnections.withLock({ $0[endpoint] }), !existing.isClosed {
-            connection = existing
-        } else {
-            var configuration = try url.connectionConfiguration(for: endpoint)
-            configuration.options.connectTimeout = .nanoseconds(Self.nanoseconds(ContinuousClock.now.duration(to: deadline)))
-            connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
-            if let replaced = probeConnections.withLock({ $0.updateValue(connection, forKey: endpoint) }) {
-                try? await replaced.close()
-            }
+    /// The host's probe connection: the kept one while it is open, else a new one.
+    private func probeConnection(to endpoint: PostgresEndpoint, deadline: ContinuousClock.Instant) async throws -> PostgresConnection {
+        if let existing = probeConnections.withLock({ $0[endpoint] }), !existing.isClosed { return existing }
+        var configuration = try url.connectionConfiguration(for: endpoint)
+        configuration.options.connectTimeout = .nanoseconds(Self.nanoseconds(ContinuousClock.now.duration(to: deadline)))
+        let connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
+        if let replaced = probeConnections.withLock({ $0.updateValue(connection, forKey: endpoint) }) {
+            try? await replaced.close()
         }
+        return connection
+    }
+
+    private func query(_ endpoint: PostgresEndpoint, on connection: PostgresConnection, deadline: ContinuousClock.Instant) async throws -> Probe {
         let remaining = ContinuousClock.now.duration(to: deadline)
         guard remaining > .zero else { throw ProbeTimedOut(timeout: .zero) }  // probe() names the timeout
         let row = try await connection.guardedQuery(
@@ -307,7 +312,10 @@ public final class PostgresTopology: Service, Sendable {
         max(1, duration.components.seconds * 1_000_000_000 + duration.components.attoseconds / 1_000_000_000)
     }
 
-    private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>]) {
+    /// Updates the snapshot with probe results. `background`: from the probe schedule (only
+    /// those count for the two-probes-in-a-row time-lag rule).
+    private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>], background: Bool = true) {
+        var unprivilegedWarning = false
         let changes = state.withLock { snapshot -> [String] in
             var changes: [String] = []
             for index in snapshot.hosts.indices {
@@ -321,9 +329,12 @@ public final class PostgresTopology: Service, Sendable {
                     host.isHealthy = true
                     host.consecutiveFailures = 0
                     host.position = probe.position
-                    host.previousLagSeconds = host.lagSeconds
+                    if background { host.previousLagSeconds = host.lagSeconds }
                     host.lagSeconds = probe.lagSeconds
-                    host.walReceiverStatus = probe.walReceiverStatus
+                    host.walReceiverStatus = probe.walReceiverStatus == "" ? nil : probe.walReceiverStatus
+                    if probe.walReceiverStatus == "", !warnedUnprivileged.exchange(true, ordering: .relaxed) {
+                        unprivilegedWarning = true
+                    }
                     host.lastError = nil
                 case .failure(let error as ProbeTimedOut):
                     // No answer at all: down now, not after more probes of the same length.
@@ -345,7 +356,8 @@ public final class PostgresTopology: Service, Sendable {
             // primary's, which would overstate the lag by one probe interval of WAL.
             let primaryPosition = snapshot.primary?.position
             for index in snapshot.hosts.indices where snapshot.hosts[index].role == .replica {
-                let ownProbe = results[snapshot.hosts[index].endpoint] != nil
+                var ownProbe = false
+                if case .success = results[snapshot.hosts[index].endpoint] { ownProbe = true }
                 guard ownProbe || primaryPosition == nil || snapshot.hosts[index].lagBytes == nil else { continue }
                 guard let primaryPosition, let position = snapshot.hosts[index].position else {
                     snapshot.hosts[index].lagBytes = nil
@@ -357,6 +369,11 @@ public final class PostgresTopology: Service, Sendable {
         }
         for change in changes {
             logger.info("topology changed", metadata: ["change": "\(change)"])
+        }
+        if unprivilegedWarning {
+            logger.warning(
+                "the probing role may not read pg_stat_wal_receiver's status, so a replica that lost its primary is not detected; grant it pg_monitor"
+            )
         }
     }
 }

@@ -63,8 +63,9 @@ struct ServerFaultTests {
             await expectDBError(.commitFailed) {
                 try await withDBContext {
                     let session = try await fixture.primary.session()
-                    try await session.execute("SET idle_in_transaction_session_timeout = '50ms'")
                     try await fixture.insert(session, "timed out")
+                    // Armed when the backend next goes idle: right after this statement.
+                    try await session.execute("SET idle_in_transaction_session_timeout = '50ms'")
                     try await Task.sleep(for: .milliseconds(500))  // the server ends the backend (25P03)
                     await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
                 }
