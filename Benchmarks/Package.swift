@@ -34,6 +34,16 @@ let package = Package(
             path: "Sources/BaselineServer"
         ),
         .executableTarget(
+            name: "TwinServer",
+            dependencies: [
+                .product(name: "ContextDB", package: "swift-context-db"),
+                .product(name: "ContextDBPostgres", package: "swift-context-db"),
+                .product(name: "ContextDBHummingbird", package: "swift-context-db"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+            ],
+            path: "Sources/TwinServer"
+        ),
+        .executableTarget(
             name: "ProfileHarness",
             dependencies: [.product(name: "ContextDB", package: "swift-context-db"), "NullEngine"],
             path: "Sources/ProfileHarness"
