@@ -179,9 +179,17 @@ struct ClusterFaultTests {
                 try await withDBContext {
                     let session = try await replica.session()
                     #expect(try await session.queryValue("SELECT count(*)::int FROM conflicted", as: Int.self) == 1)
+                    let pid = try await session.queryValue("SELECT pg_backend_pid()", as: Int32.self)!
                     // The primary takes ACCESS EXCLUSIVE on the table this idle transaction read.
                     try await primary.withTransaction { try await $0.execute("LOCK TABLE conflicted IN ACCESS EXCLUSIVE MODE") }
-                    try await Task.sleep(for: .seconds(3))  // the replica ends this session (40001)
+                    // A second later the replica ends this session (40001); seen from another one.
+                    try await eventually("the replica ended the conflicting session", timeout: .seconds(30)) {
+                        try await replica.withSession { other in
+                            try await other.queryValue(
+                                "SELECT count(*)::int FROM pg_stat_activity WHERE pid = \(pid)", as: Int.self
+                            ) == 0
+                        }
+                    }
                     let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
                     #expect(lost?.host == cluster.endpoint(cluster.replicaPorts[0]))
                 }
