@@ -44,7 +44,8 @@ struct DBSessionState: Sendable {
     var inTransaction = false
     /// The server closed the connection of the open transaction: its work is gone, and the
     /// session refuses statements until the transaction is rolled back (or the session closed).
-    var lost: DBError?
+    /// Boxed, so the state stays small and the hot paths test one pointer.
+    var lost: DBLostTransaction?
     var busy = false
     /// `close()` ran while a statement was running: the running operation releases.
     var releaseWhenIdle = false
@@ -56,6 +57,13 @@ struct DBSessionState: Sendable {
         inTransaction = false
         lost = nil
     }
+}
+
+/// Why a session's open transaction was lost (see `DBSessionState.lost`).
+final class DBLostTransaction: Sendable {
+    let error: DBError
+
+    init(_ error: DBError) { self.error = error }
 }
 
 /// A session's engine and leased connection, boxed: the session's state then has no generic
@@ -154,7 +162,17 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         isolation: isolated (any Actor)? = #isolation,
         _ body: (Engine.Connection) async throws -> R
     ) async throws -> R {
-        try await withLeasedConnection { _, connection in try await body(connection) }
+        // Written out, not through withLeasedConnection: one closure and frame less per call.
+        try await enter()
+        do {
+            let lease = try await prepare()
+            let result = try await body(lease.connection)
+            await leave()
+            return result
+        } catch {
+            await failed(after: error)
+            throw error
+        }
     }
 
     /// Runs `body` with this session's engine and connection inside its transaction — for
@@ -177,10 +195,15 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
             await leave()
             return result
         } catch {
-            await discardIfUnusable(after: error)
-            await leave()
+            await failed(after: error)
             throw error
         }
+    }
+
+    /// After a statement failed: discards a dead connection, then leaves.
+    nonisolated(nonsending) private func failed(after error: any Error) async {
+        await discardIfUnusable(after: error)
+        await leave()
     }
 
     /// After a failure: when the connection is dead, discard it.
@@ -203,8 +226,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
     nonisolated(nonsending) private func prepare() async throws -> DBLease<Engine> {
-        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
-        if let lost {
+        let (lease, inTransaction, isLost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost != nil) }
+        if isLost, let lost = state.withLock({ $0.lost?.error }) {
             throw DBError(
                 .connectionLost,
                 "the connection of this session's open transaction was lost (\(lost.message)); its work is gone: roll back (or let the request end) and retry the transaction",
@@ -317,7 +340,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// remembered as lost, so no later statement runs outside it as if nothing happened.
     nonisolated(nonsending) private func connectionLost(_ error: DBError) async {
         let lease = state.withLock { state -> DBLease<Engine>? in
-            if state.inTransaction, state.lost == nil { state.lost = error }
+            if state.inTransaction, state.lost == nil { state.lost = DBLostTransaction(error) }
             guard shared == nil else { return nil }  // the borrowed connection is not ours to close
             defer { state.lease = nil }
             return Self.currentLease(state)
@@ -385,10 +408,13 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ///   before its answer: it may have committed.
     nonisolated(nonsending) public func commit() async throws {
         try await enter()
-        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
+        let (lease, inTransaction, isLost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost != nil) }
         guard inTransaction else { return await leave() }
-        guard lost == nil, let lease else {
-            state.withLock { $0.endTransaction() }
+        guard !isLost, let lease else {
+            let lost = state.withLock { state in
+                defer { state.endTransaction() }
+                return state.lost?.error
+            }
             await leave()
             throw DBError(
                 .commitFailed,
@@ -436,9 +462,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// the error is thrown.
     nonisolated(nonsending) public func rollback() async throws {
         try await enter()
-        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost) }
+        let (lease, inTransaction, lost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost != nil) }
         guard inTransaction else { return await leave() }
-        guard lost == nil, let lease else {
+        guard !lost, let lease else {
             state.withLock { $0.endTransaction() }
             return await leave()
         }
