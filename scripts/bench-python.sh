@@ -39,6 +39,9 @@ need wrk wrk
 need curl curl
 need psql postgresql-client
 need pgbench postgresql-contrib
+need python3 python3
+python3 -c 'import venv, ensurepip' 2>/dev/null \
+    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; }
 
 pids=()
 work=$(mktemp -d)
