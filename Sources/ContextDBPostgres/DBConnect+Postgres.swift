@@ -71,6 +71,11 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - configuration: Credentials, TLS, pool size and timeouts.
     ///   - options: Read-only, isolation level.
     ///   - leaseTimeout: The longest a session waits for a connection. Default 30 seconds.
+    ///   - statementTimeout: The client-side deadline of each statement (see
+    ///     ``PostgresEngine/statementTimeout``); from this initializer no cancel request is sent,
+    ///     the connection is closed one second after the deadline. Default none.
+    ///   - resetsSessionState: Reset each released connection's session state (see
+    ///     ``PostgresEngine/resetsSessionState``). Default `true`.
     ///   - logger: Where engines log.
     ///   - beforeCreateSession: Runs before each session is created; may choose the host.
     public convenience init(
@@ -78,6 +83,8 @@ extension DBConnect where Engine == PostgresEngine {
         configuration: PostgresClient.Configuration,
         options: DBSessionOptions = DBSessionOptions(),
         leaseTimeout: Duration = .seconds(30),
+        statementTimeout: Duration? = nil,
+        resetsSessionState: Bool = true,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil
     ) {
@@ -89,7 +96,10 @@ extension DBConnect where Engine == PostgresEngine {
                 password: configuration.password, database: configuration.database, tls: configuration.tls
             )
             moved.options = configuration.options
-            return PostgresEngine(configuration: moved, leaseTimeout: leaseTimeout, logger: logger)
+            return PostgresEngine(
+                configuration: moved, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
+                resetsSessionState: resetsSessionState, logger: logger
+            )
         }
     }
 }

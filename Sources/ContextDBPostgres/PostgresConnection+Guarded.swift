@@ -100,12 +100,16 @@ extension PostgresConnection {
         }
         let psqlError = error as? PSQLError
         let serverInfo = psqlError?.serverInfo
+        let closing = psqlError.map { error in
+            [PSQLError.Code.serverClosedConnection, .clientClosedConnection, .uncleanShutdown, .connectionError].contains(error.code)
+        } ?? false
         if let timeout {
-            if isClosed {
+            // The deadline's own close fails the statement, maybe before the channel is inactive.
+            if isClosed || closing {
                 return DBError(
                     .statementTimeout,
                     "the statement ran past the statement timeout (\(timeout)) and the server answered neither it nor the cancel request, so the connection was closed",
-                    host: host, underlying: error
+                    host: host, underlying: ClosedAtDeadline(cause: error)
                 )
             }
             if serverInfo?[.sqlState] == "57014" {
@@ -119,9 +123,6 @@ extension PostgresConnection {
             ": \(info[.message] ?? "no message") (SQLSTATE \(info[.sqlState] ?? "?"))"
         } ?? ""
         let fatal = serverInfo?[.severity] == "FATAL" || serverInfo?[.severity] == "PANIC"
-        let closing = psqlError.map { error in
-            [PSQLError.Code.serverClosedConnection, .clientClosedConnection, .uncleanShutdown, .connectionError].contains(error.code)
-        } ?? false
         if fatal || closing || isClosed {
             return DBError(
                 .connectionLost, "the server closed the connection while the statement ran\(reason)",
@@ -130,6 +131,13 @@ extension PostgresConnection {
         }
         return error
     }
+}
+
+/// The cause of a ``ContextDB/DBError/Code/statementTimeout`` whose connection was closed at the
+/// deadline: the connection is gone, whatever `isClosed` says yet.
+struct ClosedAtDeadline: Error, CustomStringConvertible {
+    let cause: any Error
+    var description: String { "the connection was closed at the statement's deadline" }
 }
 
 /// The cause of a ``ContextDB/DBError/Code/connectionLost`` whose statement never reached the

@@ -491,7 +491,7 @@ public final class PostgresEngine: DatabaseEngine {
             return try await connection.guardedQuery(
                 query, host: endpoint.description, logger: logger, timeout: statementTimeout, cancel: cancel
             )
-        } catch let error as DBError where error.code == .connectionLost || error.code == .statementTimeout && connection.isClosed {
+        } catch let error as DBError where error.code == .connectionLost || error.underlying is ClosedAtDeadline {
             condemn(connection)
             throw error
         }

@@ -30,7 +30,7 @@ struct ExampleAppTests {
                 #expect(ExampleHarness.leased(database) == 0)
             }
         }
-        #expect(try await ExampleHarness.busyConnections().isEmpty)
+        try await ExampleHarness.expectNoBusyConnections()
     }
 
     @Test func itemsAreWrittenOnThePrimaryAndReadThroughAReplica() async throws {
@@ -145,7 +145,7 @@ struct ExampleAppTests {
             }
             #expect(ExampleHarness.leased(database) == 0)
             #expect(try await ExampleHarness.rows(in: "example") == 0)
-            #expect(try await ExampleHarness.busyConnections().isEmpty)
+            try await ExampleHarness.expectNoBusyConnections()
         }
     }
 
@@ -273,7 +273,7 @@ struct ExampleAppTests {
                 #expect(Set(ids) == Set(created + writtenThenRead), "every 201 has its row, and no other row exists")
             }
             #expect(ExampleHarness.leased(database) == 0)
-            #expect(try await ExampleHarness.busyConnections().isEmpty)
+            try await ExampleHarness.expectNoBusyConnections()
         }
     }
 }

@@ -86,7 +86,7 @@ struct ExampleFaultTests {
                 }
                 #expect(response.status == .created)
             }
-            #expect(try await ExampleHarness.busyConnections().isEmpty)
+            try await ExampleHarness.expectNoBusyConnections()
         }
     }
 }

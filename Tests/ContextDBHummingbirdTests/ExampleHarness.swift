@@ -77,6 +77,19 @@ enum ExampleHarness {
         }
     }
 
+    /// Waits (up to 10 s) until none of the example's server connections is busy — a released
+    /// connection's session reset runs briefly after the release.
+    static func expectNoBusyConnections(sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let deadline = ContinuousClock.now + .seconds(10)
+        var busy: [String] = []
+        while ContinuousClock.now < deadline {
+            busy = try await busyConnections()
+            if busy.isEmpty { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        Issue.record("connections still busy after 10 s: \(busy)", sourceLocation: sourceLocation)
+    }
+
     /// The example's server connections that are not idle (in a transaction, or running).
     static func busyConnections() async throws -> [String] {
         try await withAdmin { admin in

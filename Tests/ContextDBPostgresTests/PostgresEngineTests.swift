@@ -63,7 +63,7 @@ struct PostgresEngineTests {
             }
             #expect(error?.host == "\(TestCluster.host):\(TestCluster.port)")
             #expect(try await fixture.count() == 0)
-            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+            try await fixture.expectAllIdle()
         }
     }
 

@@ -106,7 +106,7 @@ struct PostgresLeakTests {
                 }
                 #expect(clean == 0)
             }
-            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+            try await fixture.expectAllIdle()
         }
     }
 }

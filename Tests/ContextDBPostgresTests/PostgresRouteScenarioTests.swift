@@ -18,7 +18,7 @@ struct PostgresRouteScenarioTests {
             let got = await serve { try await handler(fixture) }
             #expect(got == status)
             #expect(try await fixture.count() == rows)
-            #expect(try await fixture.activity().allSatisfy { $0 == "idle" })
+            try await fixture.expectAllIdle()
         }
     }
 
