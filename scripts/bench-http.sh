@@ -29,25 +29,11 @@ baseline_port=8181
 ryow_port=8182
 noreset_port=8183
 
-export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-58432}
-export PG_REPLICA_PORT=${PG_REPLICA_PORT:-58433}
+export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-28532}
+export PG_REPLICA_PORT=${PG_REPLICA_PORT:-28533}
 export PG_REPLICAS=1
 
-command -v wrk >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }
-command -v curl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl; }
-command -v psql >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-client; }
-
-pids=()
-work=$(mktemp -d)
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-    scripts/pg-cluster.sh stop || true
-}
-trap cleanup EXIT
-
-scripts/pg-cluster.sh start >/dev/null
-eval "$(scripts/pg-cluster.sh env)"
+. scripts/bench-common.sh
 
 echo "== building both servers in release mode (in the Benchmarks package, sharing one build)"
 (cd Benchmarks && swift build -c release --product ContextDBExample 2>&1 | tail -n 1)
@@ -100,7 +86,6 @@ settle() { # before each measurement: no autovacuum or checkpoint of the previou
     sleep 1
 }
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 servers=(example baseline example+ryow example-noreset)
 printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx

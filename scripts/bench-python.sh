@@ -34,26 +34,12 @@ export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-28432}
 export PG_REPLICA_PORT=${PG_REPLICA_PORT:-28433}
 export PG_REPLICAS=1
 
-need() { command -v "$1" >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2"; }; }
-need wrk wrk
-need curl curl
-need psql postgresql-client
+. scripts/bench-common.sh
 need pgbench postgresql-contrib
 need python3 python3
 python3 -c 'import venv, ensurepip' 2>/dev/null \
     || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv; }
 
-pids=()
-work=$(mktemp -d)
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-    scripts/pg-cluster.sh stop || true
-}
-trap cleanup EXIT
-
-scripts/pg-cluster.sh start >/dev/null
-eval "$(scripts/pg-cluster.sh env)"
 export PGPASSWORD=$POSTGRES_PASSWORD
 primary=127.0.0.1:$POSTGRES_PORT
 replica=127.0.0.1:$POSTGRES_REPLICA_PORT
@@ -111,7 +97,6 @@ run() { # port path script -> "rps p50 p99 non-2xx"
          /Non-2xx or 3xx responses/ { errors = $5 } END { print rps, p50, p99, errors + 0 }' <<<"$out"
 }
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 declare -A rps p50 p99
 printf '\n%-6s %-11s %-10s %12s %10s %10s %8s\n' round endpoint server requests/s p50 p99 non-2xx

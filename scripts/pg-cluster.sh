@@ -18,8 +18,8 @@
 #
 # Settings (environment, with defaults):
 #   PG_CLUSTER_DIR   data folder             ${TMPDIR:-/tmp}/contextdb-pg-$PG_PRIMARY_PORT
-#   PG_PRIMARY_PORT  primary's port          55432
-#   PG_REPLICA_PORT  first replica's port    55433 (replica N listens on PG_REPLICA_PORT+N-1)
+#   PG_PRIMARY_PORT  primary's port          25432
+#   PG_REPLICA_PORT  first replica's port    25433 (replica N listens on PG_REPLICA_PORT+N-1)
 #   PG_REPLICAS      number of replicas      1
 #   PG_USER          database superuser      contextdb
 #   PG_PASSWORD      its password            contextdb
@@ -30,8 +30,8 @@
 # PostgreSQL is installed with apt-get when no server binaries are found.
 set -euo pipefail
 
-PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-55432}
-PG_REPLICA_PORT=${PG_REPLICA_PORT:-55433}
+PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-25432}
+PG_REPLICA_PORT=${PG_REPLICA_PORT:-25433}
 PG_REPLICAS=${PG_REPLICAS:-1}
 PG_USER=${PG_USER:-contextdb}
 PG_PASSWORD=${PG_PASSWORD:-contextdb}

@@ -10,7 +10,7 @@ import ServiceLifecycle
 struct ExampleDatabase: Sendable {
     /// The local cluster of `scripts/pg-cluster.sh`, used when `DATABASE_URL` is not set.
     static let localClusterURL =
-        "postgresql://contextdb:contextdb@127.0.0.1:55432,127.0.0.1:55433/contextdb?sslmode=disable"
+        "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
 
     /// The example's statement deadline: a statement still running after it is cancelled, and
     /// its connection closed a second later if the server answers neither (a frozen host).

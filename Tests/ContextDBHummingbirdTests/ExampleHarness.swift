@@ -6,6 +6,7 @@ import HummingbirdTesting
 import Logging
 import PostgresNIO
 import Testing
+import TestSupport
 
 @testable import ContextDBExample
 
@@ -80,14 +81,9 @@ enum ExampleHarness {
     /// Waits (up to 10 s) until none of the example's server connections is busy — a released
     /// connection's session reset runs briefly after the release.
     static func expectNoBusyConnections(sourceLocation: SourceLocation = #_sourceLocation) async throws {
-        let deadline = ContinuousClock.now + .seconds(10)
-        var busy: [String] = []
-        while ContinuousClock.now < deadline {
-            busy = try await busyConnections()
-            if busy.isEmpty { return }
-            try await Task.sleep(for: .milliseconds(20))
+        try await eventually("none of the example's connections is busy", timeout: .seconds(10), sourceLocation: sourceLocation) {
+            try await busyConnections().isEmpty
         }
-        Issue.record("connections still busy after 10 s: \(busy)", sourceLocation: sourceLocation)
     }
 
     /// The example's server connections that are not idle (in a transaction, or running).

@@ -99,16 +99,3 @@ func withTopology<R>(
     defer { service.cancel() }
     return try await body(topology)
 }
-
-/// Polls `condition` every 20 ms until it holds or `timeout` passes; records an issue then.
-func eventually(
-    _ what: String, timeout: Duration = .seconds(15), sourceLocation: SourceLocation = #_sourceLocation,
-    _ condition: () async throws -> Bool
-) async throws {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    Issue.record("not within \(timeout): \(what)", sourceLocation: sourceLocation)
-}

@@ -116,14 +116,9 @@ struct Fixture {
     /// Waits (up to 10 s) until every connection of this fixture is idle: none in a transaction,
     /// none running — a released connection's session reset runs briefly after the release.
     func expectAllIdle(sourceLocation: SourceLocation = #_sourceLocation) async throws {
-        let deadline = ContinuousClock.now + .seconds(10)
-        var states: [String] = []
-        while ContinuousClock.now < deadline {
-            states = try await activity()
-            if states.allSatisfy({ $0 == "idle" }) { return }
-            try await Task.sleep(for: .milliseconds(20))
+        try await eventually("every connection of the fixture is idle", timeout: .seconds(10), sourceLocation: sourceLocation) {
+            try await activity().allSatisfy { $0 == "idle" }
         }
-        Issue.record("connections not idle after 10 s: \(states)", sourceLocation: sourceLocation)
     }
 
     /// Connections of this fixture's application in the server's `pg_stat_activity`, by state.

@@ -32,3 +32,17 @@ public final class Counter: Sendable {
     public func increment() { count.withLock { $0 += 1 } }
     public var value: Int { count.withLock { $0 } }
 }
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; records an issue then,
+/// saying `what` did not happen.
+public func eventually(
+    _ what: String, timeout: Duration = .seconds(15), sourceLocation: SourceLocation = #_sourceLocation,
+    _ condition: () async throws -> Bool
+) async throws {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    Issue.record("not within \(timeout): \(what)", sourceLocation: sourceLocation)
+}

@@ -12,11 +12,11 @@ enum Server {
     static var isConfigured: Bool { environment["POSTGRES_PORT"] != nil }
     static var url: String {
         "postgresql://\(environment["POSTGRES_USER"] ?? "contextdb"):\(environment["POSTGRES_PASSWORD"] ?? "contextdb")"
-            + "@\(environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1"):\(environment["POSTGRES_PORT"] ?? "55432")"
+            + "@\(environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1"):\(environment["POSTGRES_PORT"] ?? "25432")"
             + "/\(environment["POSTGRES_DB"] ?? "contextdb")?sslmode=disable"
     }
     static var replicaPorts: [String] {
-        (environment["POSTGRES_REPLICA_PORTS"] ?? environment["POSTGRES_REPLICA_PORT"] ?? "55433").split(separator: ",").map(String.init)
+        (environment["POSTGRES_REPLICA_PORTS"] ?? environment["POSTGRES_REPLICA_PORT"] ?? "25433").split(separator: ",").map(String.init)
     }
 }
 
@@ -55,7 +55,7 @@ let benchmarks: @Sendable () -> Void = {
     // Routing: a snapshot read plus the policy, on a topology that knows one primary and two
     // replicas (probed once from the local cluster when it runs, else left unprobed).
     Benchmark("Routing decision (replica hook, round robin)", configuration: .init(scalingFactor: .kilo)) { benchmark in
-        let hosts = (["127.0.0.1:\(Server.environment["POSTGRES_PORT"] ?? "55432")"] + Server.replicaPorts.map { "127.0.0.1:\($0)" })
+        let hosts = (["127.0.0.1:\(Server.environment["POSTGRES_PORT"] ?? "25432")"] + Server.replicaPorts.map { "127.0.0.1:\($0)" })
         let url = "postgresql://contextdb:contextdb@\(hosts.joined(separator: ","))/contextdb?sslmode=disable"
         let topology = try PostgresTopology(url: url)
         if Server.isConfigured { await topology.refresh() }

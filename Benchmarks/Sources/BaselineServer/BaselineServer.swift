@@ -29,8 +29,8 @@ struct BaselineServer {
         let user = environment["POSTGRES_USER"] ?? "contextdb"
         let password = environment["POSTGRES_PASSWORD"] ?? "contextdb"
         let database = environment["POSTGRES_DB"] ?? "contextdb"
-        let primaryPort = environment["POSTGRES_PORT"].flatMap(Int.init) ?? 55432
-        let replicaPort = environment["POSTGRES_REPLICA_PORT"].flatMap(Int.init) ?? 55433
+        let primaryPort = environment["POSTGRES_PORT"].flatMap(Int.init) ?? 25432
+        let replicaPort = environment["POSTGRES_REPLICA_PORT"].flatMap(Int.init) ?? 25433
         let logger = Logger(label: "baseline")
 
         func client(_ port: Int) -> PostgresClient {
