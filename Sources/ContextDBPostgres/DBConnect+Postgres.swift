@@ -25,6 +25,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///     advisory locks, temporary tables, `LISTEN`, cursors) before the next lease (see
     ///     ``PostgresEngine/resetsSessionState``). Default `true`; turn it off only when no code
     ///     changes session state.
+    ///   - statementCacheSize: How many statements each connection prepares and reuses (see
+    ///     ``PostgresEngine/statementCacheSize``); `0` behind a pooler in transaction mode. Default 100.
     ///   - readYourWrites: Record the WAL position of each committed write in the request
     ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
@@ -38,6 +40,7 @@ extension DBConnect where Engine == PostgresEngine {
         leaseTimeout: Duration = .seconds(30),
         statementTimeout: Duration? = nil,
         resetsSessionState: Bool = true,
+        statementCacheSize: Int = 100,
         readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil
@@ -56,7 +59,8 @@ extension DBConnect where Engine == PostgresEngine {
             try PostgresEngine(
                 url: parsed, endpoint: PostgresEndpoint(parsing: host, defaultPort: parsed.endpoints[0].port),
                 maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
-                resetsSessionState: resetsSessionState, capturesCommitLSN: readYourWrites, logger: logger
+                resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize,
+                capturesCommitLSN: readYourWrites, logger: logger
             )
         }
     }
@@ -72,10 +76,11 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - options: Read-only, isolation level.
     ///   - leaseTimeout: The longest a session waits for a connection. Default 30 seconds.
     ///   - statementTimeout: The client-side deadline of each statement (see
-    ///     ``PostgresEngine/statementTimeout``); from this initializer no cancel request is sent,
-    ///     the connection is closed one second after the deadline. Default none.
+    ///     ``PostgresEngine/statementTimeout``). Default none.
     ///   - resetsSessionState: Reset each released connection's session state (see
     ///     ``PostgresEngine/resetsSessionState``). Default `true`.
+    ///   - statementCacheSize: How many statements each connection prepares and reuses (see
+    ///     ``PostgresEngine/statementCacheSize``); `0` behind a pooler in transaction mode. Default 100.
     ///   - logger: Where engines log.
     ///   - beforeCreateSession: Runs before each session is created; may choose the host.
     public convenience init(
@@ -85,6 +90,7 @@ extension DBConnect where Engine == PostgresEngine {
         leaseTimeout: Duration = .seconds(30),
         statementTimeout: Duration? = nil,
         resetsSessionState: Bool = true,
+        statementCacheSize: Int = 100,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil
     ) {
@@ -98,7 +104,7 @@ extension DBConnect where Engine == PostgresEngine {
             moved.options = configuration.options
             return PostgresEngine(
                 configuration: moved, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
-                resetsSessionState: resetsSessionState, logger: logger
+                resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize, logger: logger
             )
         }
     }

@@ -8,9 +8,15 @@ extension DBSession where Engine == PostgresEngine {
     /// Interpolated values are sent as bound parameters, never spliced into the SQL:
     /// `session.query("SELECT text FROM items WHERE id = \(id)")`.
     /// The first statement of a session leases a connection and begins a transaction.
+    ///
+    /// The statement is prepared on the connection and reused by later sessions on it (see
+    /// ``PostgresEngine/statementCacheSize``); `prepared: false` runs it unnamed — for SQL that is
+    /// built anew each time (a varying `IN` list, `unescaped` pieces), which would only fill the
+    /// cache.
     /// - Parameters:
     ///   - query: The statement.
     ///   - logger: Where PostgresNIO logs the query. Default: the engine's logger.
+    ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
     /// - Returns: Every row, already read off the connection.
     /// - Throws: ``DBError`` — ``DBError/Code/readOnlySession`` for a write in a read-only session,
     ///   ``DBError/Code/queryFailed`` (with the server's message and SQLSTATE) for other server errors,
@@ -18,10 +24,10 @@ extension DBSession where Engine == PostgresEngine {
     ///   work is gone; see ``DBSession/withLeasedConnection(isolation:_:)``),
     ///   ``DBError/Code/statementTimeout`` past the connect's statement timeout.
     @discardableResult
-    public func query(_ query: PostgresQuery, logger: Logger? = nil) async throws -> [PostgresRow] {
+    public func query(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> [PostgresRow] {
         try await withLeasedConnection { engine, connection in
             do {
-                return try await engine.query(query, on: connection, logger: logger ?? engine.logger).rows
+                return try await engine.rows(query, on: connection, logger: logger ?? engine.logger, prepared: prepared)
             } catch {
                 throw mapped(error)
             }
@@ -29,17 +35,21 @@ extension DBSession where Engine == PostgresEngine {
     }
 
     /// Runs a statement and discards any rows it returns.
-    /// - Parameter query: The statement; interpolated values are bound parameters.
-    /// - Throws: See ``query(_:logger:)``.
-    public func execute(_ query: PostgresQuery, logger: Logger? = nil) async throws {
-        try await self.query(query, logger: logger)
+    /// - Parameters:
+    ///   - query: The statement; interpolated values are bound parameters.
+    ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
+    /// - Throws: See ``query(_:logger:prepared:)``.
+    public func execute(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws {
+        try await self.query(query, logger: logger, prepared: prepared)
     }
 
     /// Runs a query and returns its first row, or `nil` when it returns none.
-    /// - Parameter query: The statement; interpolated values are bound parameters.
-    /// - Throws: See ``query(_:logger:)``.
-    public func queryFirst(_ query: PostgresQuery, logger: Logger? = nil) async throws -> PostgresRow? {
-        try await self.query(query, logger: logger).first
+    /// - Parameters:
+    ///   - query: The statement; interpolated values are bound parameters.
+    ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
+    /// - Throws: See ``query(_:logger:prepared:)``.
+    public func queryFirst(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> PostgresRow? {
+        try await self.query(query, logger: logger, prepared: prepared).first
     }
 
     /// Runs a query and decodes the first column of its first row, or returns `nil` when it
@@ -47,11 +57,12 @@ extension DBSession where Engine == PostgresEngine {
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
     ///   - type: The Swift type of the value.
-    /// - Throws: See ``query(_:logger:)``, or a decoding error when the column has another type.
+    ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
+    /// - Throws: See ``query(_:logger:prepared:)``, or a decoding error when the column has another type.
     public func queryValue<Value: PostgresDecodable>(
-        _ query: PostgresQuery, as type: Value.Type = Value.self, logger: Logger? = nil
+        _ query: PostgresQuery, as type: Value.Type = Value.self, logger: Logger? = nil, prepared: Bool = true
     ) async throws -> Value? {
-        try await self.query(query, logger: logger).first?.decode(Value.self)
+        try await self.query(query, logger: logger, prepared: prepared).first?.decode(Value.self)
     }
 
     private func mapped(_ error: any Error) -> any Error {
@@ -66,6 +77,13 @@ extension DBSession where Engine == PostgresEngine {
             return DBError(
                 .readOnlySession,
                 "this session is read-only (\(message)); send writes through the primary connect",
+                connect: connectLabel, host: host, underlying: error
+            )
+        }
+        if state == "0A000", message.contains("cached plan") {
+            return DBError(
+                .queryFailed,
+                "the server rejected the statement: \(message) (SQLSTATE \(state)); a schema change altered what a prepared statement returns — it is prepared anew on its next run, retry the transaction",
                 connect: connectLabel, host: host, underlying: error
             )
         }

@@ -44,6 +44,24 @@ extension PostgresConnection {
         cancel: (@Sendable () async -> Bool)? = nil,
         grace: Duration = PostgresEngine.cancelGrace
     ) async throws -> PostgresQueryResult {
+        try await guarded(host: host, timeout: timeout, cancel: cancel, grace: grace) { deadline in
+            let answer = sendGuarded(query, logger: logger)
+            // The deadline stops the moment the answer arrives, on the event loop.
+            if let deadline { answer.whenComplete { _ in deadline.answered() } }
+            return try await answer.get()
+        }
+    }
+
+    /// Runs `answer` (a statement's round trip) with the checks of
+    /// ``guardedQuery(_:host:logger:timeout:cancel:grace:)``: not on a closed connection,
+    /// bounded by `timeout`, failures classified.
+    func guarded<Result>(
+        host: String,
+        timeout: Duration?,
+        cancel: (@Sendable () async -> Bool)?,
+        grace: Duration,
+        _ answer: (StatementDeadline?) async throws -> Result
+    ) async throws -> Result {
         guard !isClosed else {
             throw DBError(
                 .connectionLost,
@@ -51,6 +69,30 @@ extension PostgresConnection {
                 host: host, underlying: StatementNotSent()
             )
         }
+        guard let timeout else {
+            do {
+                return try await answer(nil)
+            } catch {
+                throw classify(error, host: host, timedOut: nil)
+            }
+        }
+        let deadline = StatementDeadline(self, timeout: timeout, grace: grace, cancel: cancel)
+        do {
+            let result = try await answer(deadline)
+            deadline.answered()
+            await settleCancel(deadline)
+            return result
+        } catch {
+            deadline.answered()
+            await settleCancel(deadline)
+            throw classify(error, host: host, timedOut: deadline.timedOut ? timeout : nil)
+        }
+    }
+
+    /// Sends a statement; its answer fails with ``StatementNotSent`` instead of never coming
+    /// when the connection is closed before or as the statement is written.
+    func sendGuarded(_ query: PostgresQuery, logger: Logger) -> EventLoopFuture<PostgresQueryResult> {
+        guard !isClosed else { return eventLoop.makeFailedFuture(StatementNotSent()) }
         let eventLoop = self.eventLoop
         let answer = eventLoop.makePromise(of: PostgresQueryResult.self)
         self.query(query, logger: logger).cascade(to: answer)
@@ -60,22 +102,16 @@ extension PostgresConnection {
             guard isClosed else { return }
             eventLoop.scheduleTask(in: .milliseconds(50)) { answer.fail(StatementNotSent()) }
         }
-        guard let timeout else {
-            do {
-                return try await answer.futureResult.get()
-            } catch {
-                throw classify(error, host: host, timedOut: nil)
-            }
-        }
-        let deadline = StatementDeadline(self, answer: answer.futureResult, timeout: timeout, grace: grace, cancel: cancel)
-        do {
-            let result = try await answer.futureResult.get()
-            await settleCancel(deadline)
-            return result
-        } catch {
-            await settleCancel(deadline)
-            throw classify(error, host: host, timedOut: deadline.timedOut ? timeout : nil)
-        }
+        return answer.futureResult
+    }
+
+    /// Sends a statement with a deadline past which the connection is closed, which fails the
+    /// statement: for the engine's own statements, which nobody cancels.
+    func sendGuarded(_ query: PostgresQuery, logger: Logger, timeout: Duration) -> EventLoopFuture<PostgresQueryResult> {
+        let answer = sendGuarded(query, logger: logger)
+        let timer = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in closeQuietly() }
+        answer.whenComplete { _ in timer.cancel() }
+        return answer
     }
 
     /// A cancel request on its way must arrive before the connection's next statement: wait for
@@ -83,10 +119,7 @@ extension PostgresConnection {
     /// connection when the server did not confirm it.
     private func settleCancel(_ deadline: StatementDeadline) async {
         guard deadline.timedOut, !isClosed else { return }
-        if await !deadline.cancelConfirmed() {
-            let closed: EventLoopFuture<Void> = close()
-            _ = closed
-        }
+        if await !deadline.cancelConfirmed() { closeQuietly() }
     }
 
     /// Turns a failure into the error the session acts on.
@@ -149,9 +182,9 @@ struct StatementNotSent: Error, CustomStringConvertible {
 /// A statement's client-side deadline: at `timeout`, a cancel request; `grace` later, when the
 /// statement still has no answer, the connection is closed, which fails the statement.
 ///
-/// Every phase change runs on the connection's event loop — the deadline timer, the grace timer
-/// and the answer's callback — so they happen in one order.
-private final class StatementDeadline: Sendable {
+/// Every phase change happens under one lock — the deadline timer, the grace timer (both on the
+/// connection's event loop) and the answer — so they happen in one order.
+final class StatementDeadline: Sendable {
     private enum Phase: Sendable {
         case running(Scheduled<Void>?)
         case timedOut(Task<Bool, Never>?)
@@ -161,10 +194,7 @@ private final class StatementDeadline: Sendable {
 
     private let phase = Mutex<Phase>(.running(nil))
 
-    init(
-        _ connection: PostgresConnection, answer: EventLoopFuture<PostgresQueryResult>, timeout: Duration, grace: Duration,
-        cancel: (@Sendable () async -> Bool)?
-    ) {
+    init(_ connection: PostgresConnection, timeout: Duration, grace: Duration, cancel: (@Sendable () async -> Bool)?) {
         let eventLoop = connection.eventLoop
         let timer = eventLoop.scheduleTask(in: TimeAmount(timeout)) { [self] in
             let started = phase.withLock { phase -> Bool in
@@ -180,30 +210,29 @@ private final class StatementDeadline: Sendable {
                     if case .timedOut = phase { return true }
                     return false
                 }
-                if close {
-                    let closed: EventLoopFuture<Void> = connection.close()
-                    _ = closed
-                }
+                if close { connection.closeQuietly() }
             }
         }
         phase.withLock { phase in
             if case .running = phase { phase = .running(timer) }
         }
-        answer.whenComplete { [self] _ in
-            let pending = phase.withLock { phase -> Scheduled<Void>? in
-                switch phase {
-                case .running(let timer):
-                    phase = .answered
-                    return timer
-                case .timedOut(let task):
-                    phase = .answeredLate(task)
-                    return nil
-                case .answered, .answeredLate:
-                    return nil
-                }
+    }
+
+    /// The statement has its answer (rows or an error): the deadline no longer applies.
+    func answered() {
+        let pending = phase.withLock { phase -> Scheduled<Void>? in
+            switch phase {
+            case .running(let timer):
+                phase = .answered
+                return timer
+            case .timedOut(let task):
+                phase = .answeredLate(task)
+                return nil
+            case .answered, .answeredLate:
+                return nil
             }
-            pending?.cancel()
         }
+        pending?.cancel()
     }
 
     /// Whether the deadline passed before the answer.

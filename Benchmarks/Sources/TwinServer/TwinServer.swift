@@ -9,7 +9,8 @@ import Hummingbird
 /// replica connect, pool 20 each), as a user would write them.
 ///
 /// Usage: `TwinServer PORT` with `BENCH_PRIMARY_URL` and `BENCH_REPLICA_URL` (libpq URIs);
-/// `RESET_SESSION_STATE=off` skips the session reset.
+/// `RESET_SESSION_STATE=off` skips the session reset; `STATEMENT_CACHE_SIZE=0` turns prepared
+/// statements off.
 @main
 struct TwinServer {
     struct Text: ResponseEncodable {
@@ -25,12 +26,14 @@ struct TwinServer {
         let environment = ProcessInfo.processInfo.environment
         let port = CommandLine.arguments.dropFirst().first.flatMap(Int.init) ?? 8291
         let resets = environment["RESET_SESSION_STATE"] != "off"
+        let cacheSize = environment["STATEMENT_CACHE_SIZE"].flatMap(Int.init) ?? 100
         let primary = try DBConnect(
-            label: "primary", url: environment["BENCH_PRIMARY_URL"]!, maximumConnections: 20, resetsSessionState: resets
+            label: "primary", url: environment["BENCH_PRIMARY_URL"]!, maximumConnections: 20, resetsSessionState: resets,
+            statementCacheSize: cacheSize
         )
         let replica = try DBConnect(
             label: "replica", url: environment["BENCH_REPLICA_URL"]!, options: DBSessionOptions(readOnly: true),
-            maximumConnections: 20, resetsSessionState: resets
+            maximumConnections: 20, resetsSessionState: resets, statementCacheSize: cacheSize
         )
 
         let router = Router()

@@ -1,0 +1,283 @@
+import ContextDB
+import Logging
+import NIOCore
+import PostgresNIO
+import Synchronization
+
+/// The connections of one ``PostgresEngine``: opened with `PostgresConnection.connect`,
+/// leased for a whole session, reset on the way back, closed when idle too long.
+///
+/// The bookkeeping is a `LeaseStateMachine` behind one lock; this type runs what it answers
+/// after the lock is released. A lease served by an idle connection is one lock; one that waits
+/// is a continuation, no task. Connects and the timer are child tasks of one root task, which
+/// ``shutdown()`` ends; a reset is an event-loop callback chain.
+final class PostgresConnectionPool: Sendable {
+    typealias Waiter = CheckedContinuation<PostgresConnection, any Error>
+    typealias Machine = LeaseStateMachine<PostgresConnection, Waiter, ContinuousClock.Instant>
+
+    private struct State {
+        var machine: Machine
+        var nextID = 0
+        /// `drain()` callers waiting for no connection to be leased.
+        var drainWaiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    /// How long an unused connection stays open: one minute.
+    static let idleTimeout = Duration.seconds(60)
+    /// How long after a failed connect no new one starts: one second.
+    static let connectRetryDelay = Duration.seconds(1)
+    /// The shortest bound of a reset: this, or the statement timeout when longer.
+    static let resetTimeout = Duration.seconds(5)
+
+    private let state: Mutex<State>
+    private let connection: Result<PostgresConnection.Configuration, DBError>
+    private let host: String
+    private let logger: Logger
+    private let resetQuery: PostgresQuery?
+    private let resetBound: Duration
+    private let leaseTimeout: Duration
+    /// Runs once on each new connection before it serves a lease (the engine learns its
+    /// backend process ID there).
+    private let prepare: @Sendable (PostgresConnection) async -> Void
+    private let jobs: AsyncStream<@Sendable () async -> Void>.Continuation
+    private let root: Task<Void, Never>
+
+    /// - Parameters:
+    ///   - connection: How to connect, or why that is impossible (every lease then fails with it).
+    ///   - host: The server, for errors and logs.
+    ///   - maximumConnections: The most connections open at once.
+    ///   - leaseTimeout: The longest a lease waits.
+    ///   - resetQuery: What a connection released clean runs before it serves again; `nil` for nothing.
+    ///   - resetBound: The reset's deadline (the connection is closed past it).
+    ///   - logger: Where the pool logs.
+    ///   - prepare: Runs on each new connection before it serves a lease.
+    init(
+        connection: Result<PostgresConnection.Configuration, DBError>,
+        host: String,
+        maximumConnections: Int,
+        leaseTimeout: Duration,
+        resetQuery: PostgresQuery?,
+        resetBound: Duration,
+        logger: Logger,
+        prepare: @escaping @Sendable (PostgresConnection) async -> Void
+    ) {
+        self.connection = connection
+        self.host = host
+        self.logger = logger
+        self.resetQuery = resetQuery
+        self.resetBound = resetBound
+        self.leaseTimeout = leaseTimeout
+        self.prepare = prepare
+        self.state = Mutex(State(machine: Machine(configuration: .init(
+            maximumConnections: max(1, maximumConnections), leaseTimeout: leaseTimeout, idleTimeout: Self.idleTimeout,
+            resetsOnRelease: resetQuery != nil, connectRetryDelay: Self.connectRetryDelay
+        ))))
+        let (stream, jobs) = AsyncStream.makeStream(of: (@Sendable () async -> Void).self)
+        self.jobs = jobs
+        // Detached: the pool is created lazily inside some request, and its connects and timer
+        // must not inherit that request's context. Every job is a child of this one root task.
+        self.root = Task.detached {
+            await withDiscardingTaskGroup { group in
+                for await job in stream {
+                    group.addTask { await job() }
+                }
+            }
+        }
+    }
+
+    /// Connections sessions hold now.
+    var leasedCount: Int { state.withLock { $0.machine.leasedCount } }
+    /// Connections open or being opened.
+    var connectionCount: Int { state.withLock { $0.machine.connectionCount } }
+
+    // MARK: - Leasing
+
+    /// A connection for a session: an idle one, a new one, or the next one released.
+    /// - Throws: ``ContextDB/DBError/Code/connectionFailed`` with the server's reason when
+    ///   connecting failed, when none came within the lease timeout, or after shutdown;
+    ///   `CancellationError` when the task was cancelled while waiting.
+    func lease() async throws -> PostgresConnection {
+        let (first, id) = state.withLock { state in
+            state.nextID &+= 1
+            return (state.machine.lease(now: .now), state.nextID)
+        }
+        switch first {
+        case .handOut(let connection): return connection
+        case .fail(let failure): throw error(for: failure)
+        case .wait: break
+        }
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (waiter: Waiter) in
+                let action = state.withLock { $0.machine.wait(id: id, waiter: waiter, now: .now) }
+                switch action {
+                case .handOut(let connection):
+                    waiter.resume(returning: connection)
+                case .fail(let failure):
+                    waiter.resume(throwing: error(for: failure))
+                case .queued(let connect, let startTimer):
+                    if connect { startConnect() }
+                    if startTimer { self.startTimer() }
+                    // A cancel that came before the waiter was queued found nothing to remove.
+                    if Task.isCancelled { cancelWaiter(id) }
+                }
+            }
+        } onCancel: {
+            cancelWaiter(id)
+        }
+    }
+
+    private func cancelWaiter(_ id: Int) {
+        state.withLock { $0.machine.cancel(id: id) }?.resume(throwing: CancellationError())
+    }
+
+    /// Takes a leased connection back: reset and pooled when `reusable`, else closed.
+    func release(_ connection: PostgresConnection, reusable: Bool) {
+        let (action, drained) = state.withLock { state -> (Machine.ReturnAction, [CheckedContinuation<Void, Never>]) in
+            let action = state.machine.release(connection, reusable: reusable, now: .now)
+            guard state.machine.leasedCount == 0, !state.drainWaiters.isEmpty else { return (action, []) }
+            defer { state.drainWaiters.removeAll() }
+            return (action, state.drainWaiters)
+        }
+        run(action)
+        for waiter in drained { waiter.resume() }
+    }
+
+    /// Waits until no session holds a connection.
+    func drain() async {
+        await withCheckedContinuation { continuation in
+            let idle = state.withLock { state in
+                if state.machine.leasedCount == 0 { return true }
+                state.drainWaiters.append(continuation)
+                return false
+            }
+            if idle { continuation.resume() }
+        }
+    }
+
+    /// Fails every waiter, closes every connection (leased ones too: they may be inside a
+    /// transaction, which closing rolls back) and ends the connects and the timer.
+    func shutdown() async {
+        let (action, drained) = state.withLock { state -> (Machine.ShutdownAction, [CheckedContinuation<Void, Never>]) in
+            defer { state.drainWaiters.removeAll() }
+            return (state.machine.shutdown(), state.drainWaiters)
+        }
+        let failure = error(for: .shutdown)
+        for waiter in action.fail { waiter.resume(throwing: failure) }
+        for connection in action.close { connection.closeQuietly() }
+        for waiter in drained { waiter.resume() }
+        jobs.finish()
+        root.cancel()
+        await root.value
+    }
+
+    // MARK: - Running the machine's answers
+
+    private func run(_ action: Machine.ReturnAction) {
+        switch action {
+        case .none(let startTimer):
+            if startTimer { self.startTimer() }
+        case .handOut(let waiter, let connection):
+            waiter.resume(returning: connection)
+        case .reset(let connection):
+            reset(connection)
+        case .close(let connection, let connect):
+            connection.closeQuietly()
+            if connect { startConnect() }
+        }
+    }
+
+    private func startConnect() {
+        jobs.yield { [self] in await connect() }
+    }
+
+    private func startTimer() {
+        jobs.yield { [self] in await runTimer() }
+    }
+
+    private func connect() async {
+        let configuration: PostgresConnection.Configuration
+        switch self.connection {
+        case .success(let value): configuration = value
+        case .failure(let error):
+            fail(state.withLock { $0.machine.connectFailed(error, now: .now) }, with: error)
+            return
+        }
+        let id = state.withLock { state in
+            state.nextID &+= 1
+            return state.nextID
+        }
+        do {
+            let connection = try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
+            await prepare(connection)
+            connection.closeFuture.whenComplete { [self] _ in
+                state.withLock { $0.machine.closed(connection) }
+            }
+            run(state.withLock { $0.machine.connected(connection, now: .now) })
+        } catch {
+            let failure = DBError(.connectionFailed, PostgresEngine.explain(error), host: host, underlying: error)
+            logger.debug("connect failed", metadata: ["reason": "\(failure.message)"])
+            fail(state.withLock { $0.machine.connectFailed(failure, now: .now) }, with: failure)
+        }
+    }
+
+    private func fail(_ waiters: [Waiter], with error: DBError) {
+        for waiter in waiters { waiter.resume(throwing: error) }
+    }
+
+    private func runTimer() async {
+        while true {
+            let interval = state.withLock { $0.machine.tickInterval }
+            do {
+                try await Task.sleep(for: interval)
+            } catch {
+                return  // shutdown
+            }
+            let action = state.withLock { $0.machine.tick(now: .now) }
+            if !action.expired.isEmpty {
+                let timeout = error(for: .leaseTimeout)
+                for waiter in action.expired { waiter.resume(throwing: timeout) }
+            }
+            for connection in action.close { connection.closeQuietly() }
+            if action.connect { startConnect() }
+            guard action.keepTicking else { return }
+        }
+    }
+
+    /// Resets a connection released clean, on event-loop callbacks: no task.
+    private func reset(_ connection: PostgresConnection) {
+        guard let resetQuery else { return }
+        connection.sendGuarded(resetQuery, logger: logger, timeout: resetBound).whenComplete { [self] result in
+            if case .failure(let error) = result {
+                logger.debug("could not reset a released connection; closing it", metadata: ["error": "\(String(reflecting: error))"])
+            }
+            let succeeded = (try? result.get()) != nil && !connection.isClosed
+            run(state.withLock { $0.machine.resetFinished(connection, succeeded: succeeded, now: .now) })
+        }
+    }
+
+    private func error(for failure: Machine.Failure) -> any Error {
+        switch failure {
+        case .connectFailed(let error):
+            return error
+        case .leaseTimeout:
+            return DBError(
+                .connectionFailed,
+                "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",
+                host: host
+            )
+        case .shutdown:
+            return DBError(
+                .connectionFailed, "the engine was shut down (DBConnect.close()); a new session creates a new engine",
+                host: host
+            )
+        }
+    }
+}
+
+extension PostgresConnection {
+    /// Closes the connection without waiting for it.
+    func closeQuietly() {
+        let closed: EventLoopFuture<Void> = close()
+        _ = closed
+    }
+}
