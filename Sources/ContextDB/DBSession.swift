@@ -165,7 +165,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         // Written out, not through withLeasedConnection: one closure and frame less per call.
         try await enter()
         do {
-            let lease = try await prepare()
+            let lease = try await prepare().lease
             let result = try await body(lease.connection)
             await leave()
             return result
@@ -190,8 +190,35 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     ) async throws -> R {
         try await enter()
         do {
-            let lease = try await prepare()
+            let lease = try await prepare().lease
             let result = try await body(lease.engine, lease.connection)
+            await leave()
+            return result
+        } catch {
+            await failed(after: error)
+            throw error
+        }
+    }
+
+    /// Runs `body` with this session's engine and connection inside its transaction, telling it
+    /// whether this call began the transaction: `true` when `BEGIN` ran just before `body`, so
+    /// nothing of the transaction ran yet — an engine module may then restart the transaction
+    /// to retry a statement that failed for a reason a new transaction fixes.
+    ///
+    /// Behaves as ``withLeasedConnection(isolation:_:)`` otherwise. In a transactional test (the
+    /// session's transaction is a savepoint), `beganTransaction` is `false`.
+    /// - Parameter body: Work on the connection, given the engine, the connection and whether
+    ///   this call began the transaction. It must not keep the connection.
+    /// - Returns: What `body` returns.
+    /// - Throws: See ``withConnection(isolation:_:)``.
+    public func withLeasedConnection<R>(
+        isolation: isolated (any Actor)? = #isolation,
+        _ body: (Engine, Engine.Connection, _ beganTransaction: Bool) async throws -> R
+    ) async throws -> R {
+        try await enter()
+        do {
+            let (lease, began) = try await prepare()
+            let result = try await body(lease.engine, lease.connection, began)
             await leave()
             return result
         } catch {
@@ -224,8 +251,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         return DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error)
     }
 
-    /// Leases a connection if needed and begins a transaction if none is open. Runs inside `enter()`.
-    nonisolated(nonsending) private func prepare() async throws -> DBLease<Engine> {
+    /// Leases a connection if needed and begins a transaction if none is open. Runs inside
+    /// `enter()`. `began` is whether this call sent `BEGIN` (not a test's savepoint).
+    nonisolated(nonsending) private func prepare() async throws -> (lease: DBLease<Engine>, began: Bool) {
         let (lease, inTransaction, isLost) = state.withLock { (Self.currentLease($0), $0.inTransaction, $0.lost != nil) }
         if isLost, let lost = state.withLock({ $0.lost?.error }) {
             throw DBError(
@@ -234,17 +262,16 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
                 connect: connect.label, host: lost.host ?? host, underlying: lost
             )
         }
-        guard let lease else { return try await acquire() }
-        if !inTransaction {
-            do {
-                try await begin(lease)
-            } catch let error as DBError where error.code == .connectionLost && shared == nil {
-                // Closed before BEGIN was sent, and no transaction was open on it: a fresh
-                // connection to the same host serves.
-                return try await acquire()
-            }
+        guard let lease else { return (try await acquire(), shared == nil) }
+        guard !inTransaction else { return (lease, false) }
+        do {
+            try await begin(lease)
+        } catch let error as DBError where error.code == .connectionLost && shared == nil {
+            // Closed before BEGIN was sent, and no transaction was open on it: a fresh
+            // connection to the same host serves.
+            return (try await acquire(), true)
         }
-        return lease
+        return (lease, shared == nil)
     }
 
     /// Sends `BEGIN`; on failure the connection, in an unknown state, is closed rather than pooled.

@@ -25,9 +25,22 @@ extension DBSession where Engine == PostgresEngine {
     ///   ``DBError/Code/statementTimeout`` past the connect's statement timeout.
     @discardableResult
     public func query(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> [PostgresRow] {
-        try await withLeasedConnection { engine, connection in
+        try await withLeasedConnection { engine, connection, beganTransaction in
+            let logger = logger ?? engine.logger
             do {
-                return try await engine.rows(query, on: connection, logger: logger ?? engine.logger, prepared: prepared)
+                return try await engine.rows(query, on: connection, logger: logger, prepared: prepared)
+            } catch where beganTransaction && PostgresEngine.isStalePlan(error) {
+                // A schema change altered what the cached statement returns, and nothing of the
+                // transaction ran before it: start the transaction again and run the statement
+                // prepared anew. Once.
+                engine.logger.debug("a cached statement's plan went stale; retrying it in a new transaction")
+                do {
+                    try await engine.execute(.rollback, on: connection)
+                    try await engine.execute(.begin(connect.options), on: connection)
+                    return try await engine.rows(query, on: connection, logger: logger, prepared: prepared)
+                } catch {
+                    throw mapped(error)
+                }
             } catch {
                 throw mapped(error)
             }

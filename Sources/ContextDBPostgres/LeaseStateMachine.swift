@@ -35,8 +35,9 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
 
     /// Why a waiter gets no connection.
     enum Failure {
-        /// It waited ``Configuration/leaseTimeout``.
-        case leaseTimeout
+        /// It waited ``Configuration/leaseTimeout``; with the error of a connect that failed
+        /// meanwhile, if one did.
+        case leaseTimeout(lastConnectError: (any Error)?)
         /// Connecting failed with this error, and no connection can serve the waiter.
         case connectFailed(any Error)
         /// The pool shut down.
@@ -76,10 +77,12 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     struct TickAction {
         /// Waiters past their deadline.
         var expired: [Waiter] = []
+        /// Why they got nothing, when a connect failed meanwhile.
+        var reason: (any Error)?
         /// Idle connections past the idle timeout.
         var close: [Connection] = []
-        /// Whether to open a connection for the waiters (the retry delay is over).
-        var connect = false
+        /// How many connections to open for the waiters (the retry delay is over).
+        var connects = 0
         /// Whether to tick again (``tickInterval``); otherwise the timer stops.
         var keepTicking = false
     }
@@ -109,6 +112,9 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     /// Waiters in arrival order.
     private var pending: [Pending] = []
     private var lastFailure: (error: any Error, retryAt: Instant)?
+    /// The error of the last failed connect, until a connect succeeds: the reason a waiter
+    /// that times out gets along.
+    private var lastConnectError: (any Error)?
     private var timerRunning = false
     private(set) var isShutDown = false
 
@@ -176,6 +182,7 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     mutating func connected(_ connection: Connection, now: Instant) -> ReturnAction {
         connecting -= 1
         lastFailure = nil
+        lastConnectError = nil
         if isShutDown { return .close(connection, connect: false) }
         return makeAvailable(connection, now: now)
     }
@@ -186,6 +193,7 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     mutating func connectFailed(_ error: any Error, now: Instant) -> [Waiter] {
         connecting -= 1
         lastFailure = (error, now.advanced(by: configuration.connectRetryDelay))
+        lastConnectError = error
         let servable = leased.count + resetting.count + connecting
         guard pending.count > servable else { return [] }
         let failed = pending[servable...].map(\.waiter)
@@ -200,6 +208,15 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
         idle.removeAll { ObjectIdentifier($0.connection) == id }
     }
 
+    /// Starts as many connects as the waiters need and the pool has room for (after a connect
+    /// succeeded, the pool refills at once instead of one connect per waiter event); returns
+    /// how many.
+    mutating func startConnects(now: Instant) -> Int {
+        var started = 0
+        while !isShutDown, startConnectIfNeeded(now: now) { started += 1 }
+        return started
+    }
+
     // MARK: - Time
 
     /// The timer fired: waiters past their deadline fail, idle connections past the idle
@@ -207,6 +224,7 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     mutating func tick(now: Instant) -> TickAction {
         var action = TickAction()
         if pending.contains(where: { $0.deadline <= now }) {
+            action.reason = lastConnectError
             action.expired = pending.filter { $0.deadline <= now }.map(\.waiter)
             pending.removeAll { $0.deadline <= now }
         }
@@ -215,7 +233,7 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
             action.close = idle.filter { $0.since <= expiry }.map(\.connection)
             idle.removeAll { $0.since <= expiry }
         }
-        action.connect = !isShutDown && startConnectIfNeeded(now: now)
+        action.connects = isShutDown ? 0 : startConnects(now: now)
         action.keepTicking = !isShutDown && (!pending.isEmpty || !idle.isEmpty)
         timerRunning = action.keepTicking
         return action

@@ -212,7 +212,14 @@ final class PostgresConnectionPool: Sendable {
             connection.closeFuture.whenComplete { [self] _ in
                 state.withLock { $0.machine.closed(connection) }
             }
-            run(state.withLock { $0.machine.connected(connection, now: .now) })
+            let (action, more) = state.withLock { state in
+                let action = state.machine.connected(connection, now: .now)
+                return (action, state.machine.startConnects(now: .now))
+            }
+            run(action)
+            for _ in 0..<more { startConnect() }
+            // Closed while it was being set up: its close callback found nothing to remove.
+            if connection.isClosed { state.withLock { $0.machine.closed(connection) } }
         } catch {
             let failure = DBError(.connectionFailed, PostgresEngine.explain(error), host: host, underlying: error)
             logger.debug("connect failed", metadata: ["reason": "\(failure.message)"])
@@ -234,11 +241,11 @@ final class PostgresConnectionPool: Sendable {
             }
             let action = state.withLock { $0.machine.tick(now: .now) }
             if !action.expired.isEmpty {
-                let timeout = error(for: .leaseTimeout)
+                let timeout = error(for: .leaseTimeout(lastConnectError: action.reason))
                 for waiter in action.expired { waiter.resume(throwing: timeout) }
             }
             for connection in action.close { connection.closeQuietly() }
-            if action.connect { startConnect() }
+            for _ in 0..<action.connects { startConnect() }
             guard action.keepTicking else { return }
         }
     }
@@ -259,7 +266,13 @@ final class PostgresConnectionPool: Sendable {
         switch failure {
         case .connectFailed(let error):
             return error
-        case .leaseTimeout:
+        case .leaseTimeout(let lastConnectError?):
+            return DBError(
+                .connectionFailed,
+                "no connection became free within \(leaseTimeout), and connecting failed meanwhile: \((lastConnectError as? DBError)?.message ?? "\(lastConnectError)")",
+                host: host, underlying: lastConnectError
+            )
+        case .leaseTimeout(nil):
             return DBError(
                 .connectionFailed,
                 "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",

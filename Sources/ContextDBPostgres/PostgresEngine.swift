@@ -223,21 +223,15 @@ public final class PostgresEngine: DatabaseEngine {
     ///   ``query(_:on:logger:)`` for the rest.
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
         guard statement == .commit else {
-            let sql = statement.sql
-            _ = try await run(PostgresQuery(unsafeSQL: sql), on: connection, logger: logger)
-            switch statement {
-            case .begin: statements.began(sql, on: connection)
-            case .savepoint, .releaseSavepoint, .rollbackToSavepoint: statements.began(nil, on: connection)
-            case .commit, .rollback: break  // a statement comes only after the next BEGIN
-            }
+            _ = try await query(PostgresQuery(unsafeSQL: statement.sql), on: connection, logger: logger)
             return
         }
         let wrote = capturesCommitLSN
-            ? try await run(Self.wroteQuery, on: connection, logger: logger).first?.decode(Bool.self) ?? false
+            ? try await query(Self.wroteQuery, on: connection, logger: logger).first?.decode(Bool.self) ?? false
             : false
         let result: PostgresQueryResult
         do {
-            result = try await run(Self.commitQuery, on: connection, logger: logger)
+            result = try await query(Self.commitQuery, on: connection, logger: logger)
         } catch let error as DBError where !(error.underlying is StatementNotSent) && !isConnectionUsable(connection) {
             throw DBError(
                 .commitOutcomeUnknown,
@@ -256,7 +250,7 @@ public final class PostgresEngine: DatabaseEngine {
         // After COMMIT: the commit record is before this position, so a replica that replayed
         // up to it sees the transaction.
         do {
-            let text = try await run(Self.positionQuery, on: connection, logger: logger).first?.decode(String.self)
+            let text = try await query(Self.positionQuery, on: connection, logger: logger).first?.decode(String.self)
             if let text, let position = PostgresLSN(text) {
                 DBContext.current?.advanceConsistencyToken(to: position)
             }
@@ -277,13 +271,6 @@ public final class PostgresEngine: DatabaseEngine {
     ///   ``ContextDB/DBError/Code/statementTimeout`` when the deadline cancelled the statement,
     ///   else PostgresNIO's `PSQLError`.
     public func query(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
-        statements.began(nil, on: connection)
-        return try await run(query, on: connection, logger: logger)
-    }
-
-    /// Runs a statement unnamed, bounded and classified (``query(_:on:logger:)`` without the
-    /// statement cache's bookkeeping).
-    private func run(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
         do {
             return try await connection.guardedQuery(
                 query, host: endpoint.description, logger: logger, timeout: statementTimeout, cancel: cancelRequest(for: connection)
@@ -311,8 +298,8 @@ public final class PostgresEngine: DatabaseEngine {
     /// the statement cache has room (see ``statementCacheSize``); bounded and classified as
     /// ``query(_:on:logger:)``.
     func rows(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger, prepared: Bool) async throws -> [PostgresRow] {
-        guard let plan = statements.plan(for: query, on: connection, prepare: prepared) else {
-            return try await run(query, on: connection, logger: logger).rows
+        guard prepared, let plan = statements.plan(for: query, on: connection) else {
+            return try await self.query(query, on: connection, logger: logger).rows
         }
         do {
             return try await connection.guarded(
@@ -322,18 +309,15 @@ public final class PostgresEngine: DatabaseEngine {
             }
         } catch {
             statements.failed(plan, on: connection, error: (error as? DBError)?.underlying ?? error)
-            guard let begin = plan.afterBegin, PostgresStatementCache.isStalePlan(error) else {
-                throw condemnIfLost(connection, error)
-            }
-            // A schema change altered what the statement returns, and it was the first of its
-            // transaction: nothing is lost by starting the transaction again and preparing the
-            // statement anew. Once.
-            logger.debug("a cached statement's plan went stale; retrying it in a new transaction")
-            _ = try await run(Self.rollbackQuery, on: connection, logger: logger)
-            _ = try await run(PostgresQuery(unsafeSQL: begin), on: connection, logger: logger)
-            statements.began(nil, on: connection)
-            return try await self.rows(query, on: connection, logger: logger, prepared: prepared)
+            throw condemnIfLost(connection, error)
         }
+    }
+
+    /// Whether `error` says a cached statement's plan no longer fits: a schema change altered
+    /// its result (SQLSTATE 0A000, `cached plan must not change result type`). The statement is
+    /// prepared anew on its next run.
+    static func isStalePlan(_ error: any Error) -> Bool {
+        PostgresStatementCache.isStalePlan(error)
     }
 
     /// Whether the connection can still run statements: not closed, and no statement found it lost.
@@ -352,7 +336,6 @@ public final class PostgresEngine: DatabaseEngine {
     }
 
     private static let commitQuery: PostgresQuery = "COMMIT"
-    private static let rollbackQuery: PostgresQuery = "ROLLBACK"
     private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 

@@ -11,10 +11,10 @@ import Synchronization
 /// A statement is known by its SQL and the types of its bound values (the same SQL with an
 /// `Int` and then an `Int32` is two statements: the server fixed the parameter types when it
 /// prepared it). A connection names at most `capacity` statements over its life, failed ones
-/// included; past that, statements run unnamed, as without a cache. A statement whose first
-/// run failed, or that the server no longer accepts (`cached plan must not change result
-/// type` after a schema change, SQLSTATE 0A000; `prepared statement … does not exist`, 26000), is
-/// forgotten, and prepared under a new name on its next use.
+/// included; past that, statements run unnamed, as without a cache. A statement the server could
+/// not prepare (an unknown table, SQLSTATE class 42) or no longer accepts (`cached plan must not
+/// change result type` after a schema change, 0A000; `prepared statement … does not exist`,
+/// 26000) is forgotten, and prepared under a new name on its next use.
 final class PostgresStatementCache: Sendable {
     struct Key: Hashable, Sendable {
         let sql: String
@@ -28,8 +28,6 @@ final class PostgresStatementCache: Sendable {
         let name: String
         let isFirstUse: Bool
         let loop: ConnectionLoop
-        /// The `BEGIN` this statement directly follows, when it is the first of its transaction.
-        let afterBegin: String?
     }
 
     private struct Entry {
@@ -39,8 +37,6 @@ final class PostgresStatementCache: Sendable {
         let loop: ConnectionLoop
         var names: [Key: String] = [:]
         var named = 0
-        /// The `BEGIN` the connection ran last, until its next statement.
-        var afterBegin: String?
     }
 
     let capacity: Int
@@ -53,50 +49,27 @@ final class PostgresStatementCache: Sendable {
         self.capacity = capacity
     }
 
-    /// How to run `query` prepared on `connection`; `nil` to run it unnamed (`prepare` is
-    /// false, the cache is off or full, or the bound values' types cannot be read). Every
-    /// statement on a connection passes here, prepared or not: the next one is no longer the
-    /// first of its transaction.
-    func plan(for query: PostgresQuery, on connection: PostgresConnection, prepare: Bool) -> Plan? {
-        guard capacity > 0 else { return nil }
-        let types = prepare ? query.binds.dataTypes : nil
-        let key = types.map { Key(sql: query.sql, types: $0) }
+    /// How to run `query` prepared on `connection`; `nil` to run it unnamed (the cache is off
+    /// or full, or the bound values' types cannot be read).
+    func plan(for query: PostgresQuery, on connection: PostgresConnection) -> Plan? {
+        guard capacity > 0, let types = query.binds.dataTypes else { return nil }
+        let key = Key(sql: query.sql, types: types)
         let id = ObjectIdentifier(connection)
         let (plan, isNewEntry) = entries.withLock { entries -> (Plan?, Bool) in
             let existing = entries.removeValue(forKey: id)
             var entry = existing ?? Entry(connection: connection, loop: ConnectionLoop(connection.eventLoop))
-            let afterBegin = entry.afterBegin
-            entry.afterBegin = nil
             defer { entries[id] = entry }
-            guard let key else { return (nil, existing == nil) }
             if let name = entry.names[key] {
-                return (Plan(key: key, name: name, isFirstUse: false, loop: entry.loop, afterBegin: afterBegin), existing == nil)
+                return (Plan(key: key, name: name, isFirstUse: false, loop: entry.loop), existing == nil)
             }
             guard entry.named < capacity else { return (nil, existing == nil) }
             let name = "contextdb_\(nextName.add(1, ordering: .relaxed).oldValue)"
             entry.named += 1
             entry.names[key] = name
-            return (Plan(key: key, name: name, isFirstUse: true, loop: entry.loop, afterBegin: afterBegin), existing == nil)
+            return (Plan(key: key, name: name, isFirstUse: true, loop: entry.loop), existing == nil)
         }
         if isNewEntry { forgetWhenClosed(connection) }
         return plan
-    }
-
-    /// Records the `BEGIN` the connection just ran (`nil`: another statement ran), so that a
-    /// cached statement failing right after it can be retried in a new transaction.
-    func began(_ sql: String?, on connection: PostgresConnection) {
-        guard capacity > 0 else { return }
-        let id = ObjectIdentifier(connection)
-        let isNewEntry = entries.withLock { entries -> Bool in
-            if entries[id] != nil {
-                entries[id]?.afterBegin = sql
-                return false
-            }
-            guard sql != nil else { return false }
-            entries[id] = Entry(connection: connection, loop: ConnectionLoop(connection.eventLoop), afterBegin: sql)
-            return true
-        }
-        if isNewEntry { forgetWhenClosed(connection) }
     }
 
     /// Drops the connection's entry once it closes (registered outside the lock: on a closed
@@ -116,14 +89,24 @@ final class PostgresStatementCache: Sendable {
     }
 
     /// A prepared run failed with `error`: forget the statement when the server may not have
-    /// it (its first run) or no longer runs it; forget every statement of the connection when
-    /// the server lost them all.
+    /// prepared it or no longer runs it, so that its next run prepares it under a new name.
+    ///
+    /// Preparing (`Parse`) fails for reasons in the SQL and the schema — SQLSTATE class 42
+    /// (syntax, an unknown table or column), 0A000, or anything else on a first run but the
+    /// errors of running it — and PostgresNIO then refuses the name for good; a statement the
+    /// server lost (`prepared statement … does not exist`, 26000: the app
+    /// ran `DEALLOCATE`) takes every name of the connection with it. Errors of running it (bad data,
+    /// a unique violation, a serialization failure: classes 22, 23, 40) leave it prepared, and its
+    /// name kept, so they do not use up the connection's names.
     func failed(_ plan: Plan, on connection: PostgresConnection, error: any Error) {
-        let state = (error as? PSQLError)?.serverInfo?[.sqlState]
-        guard plan.isFirstUse || state == "0A000" || state == "26000" else { return }
+        guard let state = (error as? PSQLError)?.serverInfo?[.sqlState] else { return }  // not the server's: the connection is lost
+        let forgetsAll = state == "26000"
+        let ofRunning = ["22", "23", "40"].contains(state.prefix(2))  // data, constraints, serialization
+        let unprepared = state.hasPrefix("42") || state == "0A000" || (plan.isFirstUse && !ofRunning)
+        guard forgetsAll || unprepared else { return }
         let id = ObjectIdentifier(connection)
         entries.withLock { entries in
-            if state == "26000" {
+            if forgetsAll {
                 entries[id]?.names.removeAll()
             } else if entries[id]?.names[plan.key] == plan.name {
                 entries[id]?.names[plan.key] = nil
@@ -144,7 +127,8 @@ final class PostgresStatementCache: Sendable {
 ///
 /// PostgresNIO 1.33.2 reads a prepared statement's name and SQL from its type (static
 /// properties), once, synchronously, when the statement is sent; this type answers with the
-/// identity set around that call (a task-local). The parameter types are the bound values' own.
+/// identity set around that call (a task-local); read anywhere else, it traps rather than name a
+/// wrong statement. The parameter types are the bound values' own.
 struct CachedStatement: PostgresPreparedStatement {
     struct Identity: Sendable {
         let name: String
@@ -155,8 +139,8 @@ struct CachedStatement: PostgresPreparedStatement {
 
     @TaskLocal static var identity: Identity?
 
-    static var name: String { identity?.name ?? "contextdb_unset" }
-    static var sql: String { identity?.sql ?? "" }
+    static var name: String { identity!.name }
+    static var sql: String { identity!.sql }
 
     let bindings: PostgresBindings
 

@@ -167,7 +167,35 @@ import Testing
         #expect(served?.0 == 2)
         // Once the delay is over, the timer opens a connection for the waiter left.
         let tick = machine.tick(now: .seconds(2.1))
-        #expect(tick.connect && tick.expired.isEmpty)
+        #expect(tick.connects == 1 && tick.expired.isEmpty)
+    }
+
+    @Test func onceTheRetryDelayIsOverEveryWaiterGetsAConnectAtOnce() {
+        var machine = machine(maximum: 3)
+        queue(&machine, waiter: 1)
+        let a = MockConnection(1)
+        _ = machine.connected(a, now: .seconds(0))
+        #expect(queue(&machine, waiter: 2, at: .seconds(0)))
+        _ = machine.connectFailed(ConnectError(reason: "the database system is starting up"), now: .seconds(0.1))
+        // Within the delay, waiters queue (a leased connection may serve them) without connects.
+        #expect(!queue(&machine, waiter: 3, at: .seconds(0.5)))
+        #expect(machine.connectingCount == 0 && machine.waitingCount == 2)
+        // After it, one tick opens a connection for each of them, up to the maximum.
+        let tick = machine.tick(now: .seconds(1.2))
+        #expect(tick.connects == 2)
+        #expect(machine.connectionCount == 3)
+    }
+
+    @Test func aWaiterThatTimesOutAfterAFailedConnectGetsItsReason() {
+        var machine = machine(maximum: 2)
+        queue(&machine, waiter: 1)
+        let a = MockConnection(1)
+        _ = machine.connected(a, now: .seconds(0))
+        queue(&machine, waiter: 2, at: .seconds(0))
+        _ = machine.connectFailed(ConnectError(reason: "too many clients"), now: .seconds(0.1))
+        let tick = machine.tick(now: .seconds(30))
+        #expect(tick.expired == [2])
+        #expect(tick.reason as? ConnectError == ConnectError(reason: "too many clients"))
     }
 
     @Test func aWaiterFailsAtTheLeaseTimeout() {
@@ -180,6 +208,7 @@ import Testing
         #expect(machine.tick(now: .seconds(30.9)).expired.isEmpty)
         let tick = machine.tick(now: .seconds(31))
         #expect(tick.expired == [2] && tick.keepTicking)
+        #expect(tick.reason == nil, "no connect failed: the plain timeout")
         #expect(machine.tick(now: .seconds(50)).expired == [3])
     }
 

@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import Logging
 import PostgresNIO
 import Testing
 import TestSupport
@@ -119,9 +120,20 @@ struct PreparedStatementTests {
             }
             #expect(error?.sqlState == "0A000")
             #expect(error?.message.contains("retry the transaction") == true)
+            // The same when the earlier statement went straight to the connection.
+            #expect(try await connect.withSession { try await $0.query(select) }.count == 1, "prepared anew")
+            try await connect.withTransaction { try await $0.execute("ALTER TABLE \(unescaped: table) ADD COLUMN d int DEFAULT 4") }
+            await expectDBError(.queryFailed) {
+                _ = try await connect.withSession { session in
+                    try await session.withConnection { connection in
+                        _ = try await connection.query("INSERT INTO \(unescaped: table) (a) VALUES (8)", logger: Logger(label: "test"))
+                    }
+                    return try await session.query(select)
+                }
+            }
             let rows = try await connect.withSession { try await $0.query(select) }
-            #expect(rows.count == 1, "the insert of the failed transaction was rolled back")
-            #expect(try rows.first?.decode((Int, Int, Int).self) != nil)
+            #expect(rows.count == 1, "the inserts of the failed transactions were rolled back, not committed by a retry")
+            #expect(try rows.first?.decode((Int, Int, Int, Int).self) != nil)
             try await connect.withTransaction { try await $0.execute("DROP TABLE \(unescaped: table)") }
         }
     }
