@@ -219,13 +219,23 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// - Returns: The context's session.
     /// - Throws: ``DBError/Code/noContext`` outside a context (note: `Task.detached` has none),
     ///   ``DBError/Code/hostNotSet``, or what `beforeCreateSession` throws.
+    @inlinable
     nonisolated(nonsending) public func session() async throws -> DBSession<Engine> {
+        // Inlined into the caller, the common case — the context has the session — is one
+        // synchronous call: no async frame of its own.
         if let session = try existingSession() { return session }
+        return try await createSession()
+    }
+
+    /// Creates the context's session (``session()`` found none).
+    @usableFromInline
+    nonisolated(nonsending) func createSession() async throws -> DBSession<Engine> {
         let created = try await makeSession()
         return try requireContext().insert(created, for: self)
     }
 
     /// The current context's live session for this connect, if it has one.
+    @usableFromInline
     func existingSession() throws -> DBSession<Engine>? {
         guard let session = try requireContext().liveSession(for: ObjectIdentifier(self), label: label) else { return nil }
         // Only sessions of this connect are stored under its identity.

@@ -110,10 +110,15 @@ public final class DBContext: Sendable {
     /// The live session of the connect with identity `key`, or `nil`. Not generic, so the lookup
     /// costs no type-metadata work: the caller (`DBConnect.session()`) knows the session's type.
     func liveSession(for key: ObjectIdentifier, label: String) throws -> AnyObject? {
-        try state.withLock { state in
+        try state.withLock { state -> AnyObject? in
             if state.finished { throw Self.finishedError(label) }
-            for entry in state.entries where entry.key == key {
-                return entry.liveness.isClosed ? nil : entry.session
+            // An index loop, not `for … where`: no iterator, no copy of the entries.
+            var index = state.entries.startIndex
+            while index < state.entries.endIndex {
+                if state.entries[index].key == key {
+                    return state.entries[index].liveness.isClosed ? nil : state.entries[index].session
+                }
+                index += 1
             }
             if !state.pinned.isEmpty, let pinned = state.pinned[key] {
                 // Recorded here too, so this context's commit, rollback and close reach it.
