@@ -66,7 +66,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     public var host: String? { state.withLock { $0.host } }
 
     /// The engines created so far, by host (engines still being created are left out).
-    public var engines: [String: Engine] {
+    package var engines: [String: Engine] {
         state.withLock { state in
             state.engines.compactMapValues { slot in
                 if case .ready(let engine) = slot { return engine }
@@ -76,7 +76,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     }
 
     /// The hosts that have an engine (created or being created).
-    public var engineHosts: [String] { state.withLock { Array($0.engines.keys).sorted() } }
+    package var engineHosts: [String] { state.withLock { Array($0.engines.keys).sorted() } }
 
     // MARK: - Hosts and engines
 
@@ -132,7 +132,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// creates a new engine.
     /// - Parameter host: The host whose engine to take out.
     /// - Returns: The engine, or `nil` when the host has none ready.
-    public func removeEngine(for host: String) -> Engine? {
+    package func removeEngine(for host: String) -> Engine? {
         state.withLock { state in
             guard case .ready(let engine) = state.engines[host] else { return nil }
             state.engines[host] = nil

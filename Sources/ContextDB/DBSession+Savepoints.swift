@@ -19,7 +19,7 @@ extension DBSession {
     ///   - connects: The connects whose sessions become savepoint sessions.
     ///   - body: The test.
     /// - Returns: What `body` returns.
-    public func withSavepointSessions<R>(
+    package func withSavepointSessions<R>(
         for connects: [DBConnect<Engine>],
         isolation: isolated (any Actor)? = #isolation,
         _ body: () async throws -> R

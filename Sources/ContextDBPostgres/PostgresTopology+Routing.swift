@@ -18,17 +18,23 @@ extension PostgresTopology {
     /// It follows promotion: after a failover the new primary is used as soon as a probe has
     /// seen it (within ``Configuration/probeInterval`` plus one probe), without a restart, and
     /// the engines of hosts that stopped being the primary are drained — closed once their
-    /// sessions have given their connections back.
+    /// sessions have given their connections back. Right after start-up, before every host has
+    /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
+    /// A session it cannot route fails with ``ContextDB/DBError/Code/noHostAvailable``, logged
+    /// at warning level.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func primaryHook() -> DBConnect<PostgresEngine>.BeforeCreateSession {
         { [self] connect in
+            await waitForFirstRound(timeout: configuration.probeTimeout)
             let snapshot = self.snapshot
             guard let primary = snapshot.primary else {
-                throw DBError(
+                let error = DBError(
                     .noHostAvailable,
                     "no healthy primary among \(describe(snapshot)); is the topology service running, and is a primary up?",
                     connect: connect.label
                 )
+                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "reason": "\(error.message)"])
+                throw error
             }
             let host = primary.endpoint.description
             for former in connect.engineHosts where former != host {
@@ -64,6 +70,9 @@ extension PostgresTopology {
     ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
     ///     Default 500 ms. A re-probe already running finishes first, so a replica that stopped
     ///     answering and is not marked down yet can stretch the wait by up to one probe timeout.
+    /// Like ``primaryHook()``, it waits for the first probe round right after start-up, and a
+    /// session it cannot route fails with ``ContextDB/DBError/Code/noHostAvailable``, logged at
+    /// warning level.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func replicaHook(
         policy: DBReplicaPolicy = .roundRobin,
@@ -73,6 +82,7 @@ extension PostgresTopology {
         readYourWritesWait: Duration = .milliseconds(500)
     ) -> DBConnect<PostgresEngine>.BeforeCreateSession {
         { [self] connect in
+            await waitForFirstRound(timeout: configuration.probeTimeout)
             let position = DBContext.current?.walPosition
             var snapshot = self.snapshot
             var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
@@ -103,11 +113,13 @@ extension PostgresTopology {
                 hosts.append(primary)
             }
             guard let host = hosts.first else {
-                throw DBError(
+                let error = DBError(
                     .noHostAvailable,
                     "no replica is fit (\(describe(snapshot))) and fallbackToPrimary is off",
                     connect: connect.label
                 )
+                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "reason": "\(error.message)"])
+                throw error
             }
             try connect.changeHost(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: markSuspect)
             logger.debug(

@@ -133,6 +133,10 @@ public final class PostgresTopology: Service, Sendable {
     private let state: Mutex<Snapshot>
     private let probeConnections = Mutex<[PostgresEndpoint: PostgresConnection]>([:])
     private let warnedUnprivileged = Atomic<Bool>(false)
+    /// Until every host has had its first probe: the hosts still unprobed, and the hooks
+    /// waiting for them (by id). `nil` once the first round is complete.
+    private let firstRound: Mutex<(unprobed: Set<PostgresEndpoint>, waiters: [Int: CheckedContinuation<Void, Never>])?>
+    private let nextWaiter = Atomic<Int>(0)
     let turn = Atomic<Int>(0)
 
     /// Creates a topology for the hosts of a URI. Probes nothing until ``run()`` or ``refresh()``.
@@ -158,6 +162,7 @@ public final class PostgresTopology: Service, Sendable {
         self.url = url
         self.configuration = configuration
         self.logger = logger
+        self.firstRound = Mutex((unprobed: Set(url.endpoints), waiters: [:]))
         self.state = Mutex(Snapshot(hosts: url.endpoints.map {
             HostStatus(endpoint: $0, role: .unknown, isHealthy: false, consecutiveFailures: 0)
         }))
@@ -314,7 +319,47 @@ public final class PostgresTopology: Service, Sendable {
 
     /// Updates the snapshot with probe results. `background`: from the probe schedule (only
     /// those count for the two-probes-in-a-row time-lag rule).
+    /// Waits until every host has answered or failed its first probe, at most `timeout`: a
+    /// session created right after start-up is routed on probe results, not on an empty
+    /// snapshot. Returns at once afterwards.
+    func waitForFirstRound(timeout: Duration) async {
+        guard firstRound.withLock({ $0 != nil }) else { return }
+        let id = nextWaiter.add(1, ordering: .relaxed).oldValue
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { try? await Task.sleep(for: timeout) }
+            group.addTask {
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { continuation in
+                        let done = self.firstRound.withLock { round -> Bool in
+                            guard round != nil, !Task.isCancelled else { return true }
+                            round!.waiters[id] = continuation
+                            return false
+                        }
+                        if done { continuation.resume() }
+                    }
+                } onCancel: {
+                    self.firstRound.withLock { $0?.waiters.removeValue(forKey: id) }?.resume()
+                }
+            }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    /// Records that `endpoints` had a probe; completes the first round when none is left.
+    private func markProbed(_ endpoints: some Sequence<PostgresEndpoint>) {
+        let waiters = firstRound.withLock { round -> [CheckedContinuation<Void, Never>] in
+            guard round != nil else { return [] }
+            round!.unprobed.subtract(endpoints)
+            guard round!.unprobed.isEmpty else { return [] }
+            defer { round = nil }
+            return Array(round!.waiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
     private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>], background: Bool = true) {
+        defer { markProbed(results.keys) }
         var unprivilegedWarning = false
         let changes = state.withLock { snapshot -> [String] in
             var changes: [String] = []

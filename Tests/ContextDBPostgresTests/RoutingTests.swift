@@ -17,6 +17,39 @@ struct RoutingTests {
         return "postgresql://\(TestCluster.user):\(TestCluster.password)@\(hosts.joined(separator: ","))/\(TestCluster.database)?sslmode=disable"
     }
 
+    /// Right after start-up the snapshot is empty: a session created then waits for the first
+    /// probe round instead of failing with an empty 500.
+    @Test func aSessionRightAfterStartUpWaitsForTheFirstProbeRound() async throws {
+        let topology = try PostgresTopology(url: Self.clusterURL)
+        let primary = try DBConnect(label: "primary", url: Self.clusterURL, beforeCreateSession: topology.primaryHook())
+        let replica = try DBConnect(
+            label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
+            beforeCreateSession: topology.replicaHook(fallbackToPrimary: false)
+        )
+        let service = Task { try await topology.run() }
+        defer { service.cancel() }
+        let (written, read) = try await withDBContext {
+            (try await primary.session().queryValue("SELECT NOT pg_is_in_recovery()", as: Bool.self),
+             try await replica.session().queryValue("SELECT pg_is_in_recovery()", as: Bool.self))
+        }
+        #expect(written == true && read == true, "each session reached the right role on the first try")
+        await primary.close()
+        await replica.close()
+    }
+
+    /// A topology nobody runs never gets a probe: the hook gives up after one probe timeout,
+    /// with a typed error that says why.
+    @Test func aTopologyThatIsNotRunningFailsTheSessionAfterAProbeTimeout() async throws {
+        var configuration = PostgresTopology.Configuration()
+        configuration.probeTimeout = .milliseconds(300)
+        let topology = try PostgresTopology(url: Self.clusterURL, configuration: configuration)
+        let primary = try DBConnect(label: "primary", url: Self.clusterURL, beforeCreateSession: topology.primaryHook())
+        let error = await expectDBError(.noHostAvailable) {
+            try await withDBContext { _ = try await primary.session() }
+        }
+        #expect(error?.message.contains("is the topology service running") == true)
+    }
+
     @Test func theTopologySeesOnePrimaryAndItsReplicas() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
             let snapshot = topology.snapshot
