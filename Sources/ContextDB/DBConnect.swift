@@ -28,6 +28,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     let beforeCreateSession: BeforeCreateSession?
     let makeEngine: @Sendable (String) async throws -> Engine
+    let normalizeHost: (@Sendable (String) throws -> String)?
 
     enum EngineSlot: Sendable {
         case creating(Task<Engine, any Error>)
@@ -47,19 +48,38 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     ///   - host: The host to use when the hook chooses none. Optional when the hook always chooses.
     ///   - options: How sessions open transactions (read-only, isolation level).
     ///   - beforeCreateSession: Runs before every session creation; may call ``changeHost(_:)``.
+    ///   - normalizeHost: The canonical spelling of a host, so that one server is one host for
+    ///     engines and routing (`db1` and `db1:5432` are the same server); throws for a malformed
+    ///     host. Engine modules pass it; `nil` (the default) keeps hosts as given.
     ///   - engine: Creates the engine for a host. Called once per host, on first use.
     public init(
         label: String = "default",
         host: String? = nil,
         options: DBSessionOptions = DBSessionOptions(),
         beforeCreateSession: BeforeCreateSession? = nil,
+        normalizeHost: (@Sendable (_ host: String) throws -> String)? = nil,
         engine: @escaping @Sendable (_ host: String) async throws -> Engine
     ) {
         self.label = label
         self.options = options
         self.beforeCreateSession = beforeCreateSession
+        self.normalizeHost = normalizeHost
         self.makeEngine = engine
-        self.state = Mutex(State(host: host))
+        self.state = Mutex(State(host: host.map { host in (try? normalizeHost?(host)) ?? host }))
+    }
+
+    /// The canonical spelling of `host` (see `init`'s `normalizeHost`).
+    /// - Throws: ``DBError/Code/invalidConfiguration`` for a host the engine module rejects.
+    func canonical(_ host: String) throws -> String {
+        guard let normalizeHost else { return host }
+        do {
+            return try normalizeHost(host)
+        } catch var error as DBError {
+            error.connect = label
+            throw error
+        } catch {
+            throw DBError(.invalidConfiguration, "the host \"\(host)\" is malformed", connect: label, underlying: error)
+        }
     }
 
     /// The host new sessions bind to when the hook chooses none.
@@ -120,6 +140,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         guard !host.isEmpty, !fallbacks.contains(where: \.isEmpty) else {
             throw DBError(.emptyHost, "the host is empty; pass a host such as \"127.0.0.1:5432\"", connect: label)
         }
+        let host = try canonical(host)
+        let fallbacks = try fallbacks.map(canonical)
         state.withLock { $0.host = host }
         if let selection = HostSelection.current, selection.connect == ObjectIdentifier(self) {
             selection.choose([host] + fallbacks.filter { $0 != host }, onLeaseFailure: onLeaseFailure)
@@ -133,7 +155,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// - Parameter host: The host whose engine to take out.
     /// - Returns: The engine, or `nil` when the host has none ready.
     package func removeEngine(for host: String) -> Engine? {
-        state.withLock { state in
+        let host = (try? canonical(host)) ?? host
+        return state.withLock { state in
             guard case .ready(let engine) = state.engines[host] else { return nil }
             state.engines[host] = nil
             return engine
@@ -158,6 +181,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     /// The engine for `host`, created on first use. Concurrent first uses share one creation.
     nonisolated(nonsending) func engine(for host: String) async throws -> Engine {
+        let host = try canonical(host)
         let slot = state.withLock { state -> EngineSlot in
             if let slot = state.engines[host] { return slot }
             let factory = makeEngine

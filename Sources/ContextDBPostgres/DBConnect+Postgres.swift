@@ -52,9 +52,11 @@ extension DBConnect where Engine == PostgresEngine {
             error.connect = label
             throw error
         }
+        let defaultPort = parsed.endpoints[0].port
         self.init(
             label: label, host: parsed.endpoints[0].description, options: options,
-            beforeCreateSession: beforeCreateSession
+            beforeCreateSession: beforeCreateSession,
+            normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: defaultPort).description }
         ) { host in
             try PostgresEngine(
                 url: parsed, endpoint: PostgresEndpoint(parsing: host, defaultPort: parsed.endpoints[0].port),
@@ -95,7 +97,10 @@ extension DBConnect where Engine == PostgresEngine {
         beforeCreateSession: BeforeCreateSession? = nil
     ) {
         let base = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
-        self.init(label: label, host: base.description, options: options, beforeCreateSession: beforeCreateSession) { host in
+        self.init(
+            label: label, host: base.description, options: options, beforeCreateSession: beforeCreateSession,
+            normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: base.port).description }
+        ) { host in
             let endpoint = try PostgresEndpoint(parsing: host, defaultPort: base.port)
             var moved = PostgresClient.Configuration(
                 host: endpoint.host, port: endpoint.port, username: configuration.username,

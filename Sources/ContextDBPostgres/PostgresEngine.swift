@@ -141,7 +141,7 @@ public final class PostgresEngine: DatabaseEngine {
             connection = try url.connectionConfiguration(for: endpoint)
         } catch {
             throw DBError(
-                .invalidConfiguration, "could not set up TLS for sslmode=\(url.sslMode)",
+                .invalidConfiguration, "could not set up TLS for sslmode=\(url.sslMode.rawValue)",
                 host: endpoint.description, underlying: error
             )
         }
@@ -451,29 +451,6 @@ public final class PostgresEngine: DatabaseEngine {
         default:
             return "could not connect (\(error.code)); check the host, port, TLS settings and credentials"
         }
-    }
-}
-
-extension PostgresURL {
-    /// The direct-connection configuration for one endpoint, with the same TLS rules as the pool's.
-    func connectionConfiguration(for endpoint: PostgresEndpoint) throws -> PostgresConnection.Configuration {
-        let tls: PostgresConnection.Configuration.TLS
-        switch sslMode {
-        case "disable": tls = .disable
-        case "require", "verify-ca", "verify-full": tls = .require(try NIOSSLContext(configuration: tlsConfiguration))
-        default: tls = .prefer(try NIOSSLContext(configuration: tlsConfiguration))
-        }
-        var configuration = PostgresConnection.Configuration(
-            host: endpoint.host, port: endpoint.port,
-            username: username, password: password, database: database, tls: tls
-        )
-        configuration.options.connectTimeout = .nanoseconds(
-            connectTimeout.components.seconds * 1_000_000_000 + connectTimeout.components.attoseconds / 1_000_000_000
-        )
-        if let applicationName {
-            configuration.options.additionalStartupParameters.append(("application_name", applicationName))
-        }
-        return configuration
     }
 }
 

@@ -224,6 +224,7 @@ public final class PostgresTopology: Service, Sendable {
     ///   - host: The host, as `"host:port"`.
     ///   - reason: Why, for ``HostStatus/lastError``.
     public func markSuspect(_ host: String, reason: String) {
+        let host = (try? PostgresEndpoint(parsing: host).description) ?? host  // `db1` is `db1:5432`
         state.withLock { snapshot in
             guard let index = snapshot.hosts.firstIndex(where: { $0.endpoint.description == host }) else { return }
             snapshot.hosts[index].isHealthy = false

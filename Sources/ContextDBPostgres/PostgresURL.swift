@@ -19,8 +19,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     public var password: String?
     /// The database name; `nil` means the server's default (the user name).
     public var database: String?
-    /// The `sslmode` parameter. Default `prefer`.
-    public var sslMode: String
+    /// The `sslmode` parameter. Default ``PostgresSSLMode/prefer``.
+    public var sslMode: PostgresSSLMode
     /// The `application_name` parameter, shown in `pg_stat_activity`.
     public var applicationName: String?
     /// The `connect_timeout` parameter. Default 10 seconds.
@@ -90,7 +90,7 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         self.password = password
         guard let database = path.removingPercentEncoding else { throw invalid("the database name has a bad %-escape") }
         self.database = database.isEmpty ? nil : database
-        self.sslMode = "prefer"
+        self.sslMode = .prefer
         self.applicationName = nil
         self.connectTimeout = .seconds(10)
 
@@ -102,10 +102,10 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
             }
             switch key {
             case "sslmode":
-                guard ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"].contains(value) else {
-                    throw invalid("sslmode \"\(value)\" is not one of disable, allow, prefer, require, verify-ca, verify-full")
+                guard let mode = PostgresSSLMode(rawValue: value) else {
+                    throw invalid("sslmode \"\(value)\" is not one of \(PostgresSSLMode.allCases.map(\.rawValue).joined(separator: ", "))")
                 }
-                sslMode = value
+                sslMode = mode
             case "application_name":
                 applicationName = value
             case "connect_timeout":
@@ -125,16 +125,16 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         if password != nil { text += ":***" }
         text += "@" + endpoints.map(\.description).joined(separator: ",")
         if let database { text += "/\(database)" }
-        text += "?sslmode=\(sslMode)"
+        text += "?sslmode=\(sslMode.rawValue)"
         return text
     }
 
     /// The TLS setting `sslmode` asks for.
     public var tls: PostgresClient.Configuration.TLS {
         switch sslMode {
-        case "disable": return .disable
-        case "require", "verify-ca", "verify-full": return .require(tlsConfiguration)
-        default: return .prefer(tlsConfiguration)  // allow, prefer
+        case .disable: return .disable
+        case .require, .verifyCA, .verifyFull: return .require(tlsConfiguration)
+        case .allow, .prefer: return .prefer(tlsConfiguration)
         }
     }
 
@@ -143,9 +143,9 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     var tlsConfiguration: TLSConfiguration {
         var configuration = TLSConfiguration.makeClientConfiguration()
         switch sslMode {
-        case "verify-full": break
-        case "verify-ca": configuration.certificateVerification = .noHostnameVerification
-        default: configuration.certificateVerification = .none
+        case .verifyFull: break
+        case .verifyCA: configuration.certificateVerification = .noHostnameVerification
+        case .disable, .allow, .prefer, .require: configuration.certificateVerification = .none
         }
         return configuration
     }
@@ -165,4 +165,44 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         }
         return configuration
     }
+}
+
+extension PostgresURL {
+    /// The direct-connection configuration for one endpoint, with the same TLS rules as the pool's.
+    func connectionConfiguration(for endpoint: PostgresEndpoint) throws -> PostgresConnection.Configuration {
+        let tls: PostgresConnection.Configuration.TLS
+        switch sslMode {
+        case .disable: tls = .disable
+        case .require, .verifyCA, .verifyFull: tls = .require(try NIOSSLContext(configuration: tlsConfiguration))
+        case .allow, .prefer: tls = .prefer(try NIOSSLContext(configuration: tlsConfiguration))
+        }
+        var configuration = PostgresConnection.Configuration(
+            host: endpoint.host, port: endpoint.port,
+            username: username, password: password, database: database, tls: tls
+        )
+        configuration.options.connectTimeout = .nanoseconds(
+            connectTimeout.components.seconds * 1_000_000_000 + connectTimeout.components.attoseconds / 1_000_000_000
+        )
+        if let applicationName {
+            configuration.options.additionalStartupParameters.append(("application_name", applicationName))
+        }
+        return configuration
+    }
+}
+
+/// PostgreSQL's `sslmode` (PostgreSQL docs, "SSL Support" in libpq): whether to use TLS and what
+/// to verify.
+public enum PostgresSSLMode: String, CaseIterable, Sendable, Hashable {
+    /// No TLS.
+    case disable
+    /// TLS if the server insists; ContextDB treats it as ``prefer`` (PostgresNIO tries TLS first).
+    case allow
+    /// TLS when the server offers it, without certificate checks. The default.
+    case prefer
+    /// TLS always, without certificate checks.
+    case require
+    /// TLS always; the server's certificate chain must be trusted.
+    case verifyCA = "verify-ca"
+    /// TLS always; the chain must be trusted and the certificate must name the host.
+    case verifyFull = "verify-full"
 }

@@ -13,7 +13,7 @@ import TestSupport
         #expect(url.password == "p:ss")
         #expect(url.endpoints.map(\.description) == ["db1:5432", "db2:6543", "[::1]:5432"])
         #expect(url.database == "shop")
-        #expect(url.sslMode == "require")
+        #expect(url.sslMode == .require)
         #expect(url.applicationName == "api")
         #expect(url.connectTimeout == .seconds(3))
         #expect(!url.description.contains("p:ss"))

@@ -212,6 +212,25 @@ import TestSupport
         #expect(database.enginesCreated == ["db1"])
     }
 
+    @Test func twoSpellingsOfOneHostShareOneEngine() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect<FakeEngine>(
+            label: "default", host: "db1",
+            normalizeHost: { host in
+                guard !host.contains(" ") else { throw DBError(.invalidConfiguration, "a space in the host") }
+                return host.contains(":") ? host : host + ":5432"
+            }
+        ) { host in try database.makeEngine(host: host) }
+        #expect(connect.host == "db1:5432")
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        try connect.changeHost("db1:5432")
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        try connect.changeHost("db1")
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        #expect(database.enginesCreated == ["db1:5432"], "one server, one engine")
+        #expect(throws: DBError.self) { try connect.changeHost("db 1") }
+    }
+
     @Test func removeEngineHandsTheEngineOverAndALaterSessionMakesANewOne() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(database: database)

@@ -1,0 +1,122 @@
+import ContextDB
+import ContextDBHummingbird
+import ContextDBPostgres
+import ContextDBTesting
+import Foundation
+import Hummingbird
+import HummingbirdTesting
+import Testing
+
+// The README's Swift blocks, compiled by the test command. `ReadmeTests` checks that every line
+// of every block appears here, in order, so the README cannot drift from code that compiles.
+// Nothing here runs (the testing snippet is disabled): each block is a function body.
+
+enum ReadmeSnippets {
+    static func quickStart() async throws {
+        let primary = try DBConnect(label: "primary",
+            url: "postgresql://contextdb:contextdb@127.0.0.1:25432/contextdb?sslmode=disable")
+        let replica = try DBConnect(label: "replica",
+            url: "postgresql://contextdb:contextdb@127.0.0.1:25433/contextdb?sslmode=disable",
+            options: DBSessionOptions(readOnly: true))
+
+        try await withDBContext {                          // the middleware does this per request
+            let session = try await primary.session()      // no connection yet
+            try await session.execute("CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)")
+            let id = try await session.queryValue(
+                "INSERT INTO items (text) VALUES (\("hello")) RETURNING id", as: Int.self)  // a bound parameter
+            try await primary.commit()                     // early commit; the rest commits at the end
+            let rows = try await replica.session().queryValue("SELECT count(*)::int FROM items", as: Int.self)
+            print(id ?? 0, rows ?? 0)                      // the replica shows the row once it replayed it
+        }                                                  // COMMIT, connections back to their pools
+    }
+
+    static func primaryAndReplicas() throws -> (DBConnect<PostgresEngine>, DBConnect<PostgresEngine>, String) {
+        let url = "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
+        let topology = try PostgresTopology(url: url)      // probes every host; add it to your services
+        let primary = try DBConnect(label: "primary", url: url, readYourWrites: true,
+                                    beforeCreateSession: topology.primaryHook())
+        let replica = try DBConnect(label: "replica", url: url, options: DBSessionOptions(readOnly: true),
+                                    beforeCreateSession: topology.replicaHook(policy: .leastLag))
+        return (primary, replica, url)
+    }
+
+    static func whenTheDatabaseMisbehaves(url: String) throws -> DBConnect<PostgresEngine> {
+        let primary = try DBConnect(label: "primary", url: url,
+                                    leaseTimeout: .seconds(4),        // waiting for a pooled connection
+                                    statementTimeout: .seconds(5))    // each statement, BEGIN, COMMIT, ROLLBACK
+        return primary
+    }
+
+    static func inAHummingbirdApp() async throws {
+        struct NewItem: Decodable { let text: String }
+
+        let primary = try DBConnect(label: "primary",
+            url: "postgresql://contextdb:contextdb@127.0.0.1:25432/contextdb?sslmode=disable")
+        let router = Router()
+        router.add(middleware: DBSessionMiddleware())      // one context per request, committed before the response
+        router.post("/items") { request, context -> HTTPResponse.Status in
+            let item = try await request.decode(as: NewItem.self, context: context)
+            try await primary.session().execute("INSERT INTO items (text) VALUES (\(item.text))")
+            return .created                                // < 400: committed; >= 400 or a throw: rolled back
+        }
+        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 8080)))
+        try await app.runService()                         // serves until SIGINT or SIGTERM
+        await primary.close()                              // then closes the connections
+    }
+}
+
+/// The README's testing snippet, compiled with what it names: `app`, `primary`, `replica`, `body`.
+@Suite struct ReadmeTestingSnippet {
+    static let primary = try! DBConnect(label: "primary", url: "postgresql://contextdb@127.0.0.1:25432/contextdb?sslmode=disable")
+    static let replica = try! DBConnect(label: "replica", url: "postgresql://contextdb@127.0.0.1:25433/contextdb?sslmode=disable")
+    var primary: DBConnect<PostgresEngine> { Self.primary }
+    var replica: DBConnect<PostgresEngine> { Self.replica }
+    var body: ByteBuffer { ByteBuffer(string: #"{"text":"hello"}"#) }
+    var app: some ApplicationProtocol {
+        let router = Router()
+        router.add(middleware: DBSessionMiddleware())
+        return Application(router: router)
+    }
+
+    @Test(.disabled("compiled, not run: the README's testing snippet")) func createsAnItem() async throws {
+        try await app.test(.router) { client in
+            try await withTransactionalTest(primary, replicas: [replica]) {   // savepoints, rolled back
+                try await client.execute(uri: "/items", method: .post, body: body) { #expect($0.status == .created) }
+                #expect(try await primary.session().queryValue("SELECT count(*)::int FROM items", as: Int.self) == 1)
+            }
+        }
+    }
+}
+
+/// Every line of every Swift block in README.md appears in this file, in order (imports may be
+/// anywhere above; a `@Test` attribute may carry traits here).
+@Suite struct ReadmeTests {
+    @Test func everySwiftBlockOfTheReadmeIsCompiledHere() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        let compiled = try String(contentsOf: URL(fileURLWithPath: #filePath), encoding: .utf8)
+            .split(separator: "\n", omittingEmptySubsequences: false)
+            .map { line in
+                line.trimmingCharacters(in: .whitespaces)
+                    .replacingOccurrences(of: #"^@Test\(.*?\) func"#, with: "@Test func", options: .regularExpression)
+            }
+        let blocks = readme.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
+        #expect(blocks.count >= 5)
+        for block in blocks {
+            let lines = block.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            if lines.first?.hasPrefix(".package(") == true { continue }  // a Package.swift fragment
+            var position = compiled.startIndex
+            for line in lines {
+                if line.hasPrefix("import ") {
+                    #expect(compiled.contains(line), "README line not compiled: \(line)")
+                    continue
+                }
+                guard let found = compiled[position...].firstIndex(of: line) else {
+                    Issue.record("README line not compiled here (or out of order): \(line)")
+                    break
+                }
+                position = compiled.index(after: found)
+            }
+        }
+    }
+}
