@@ -39,6 +39,7 @@ extension DBConnect {
     /// `mode` says what happens to a transaction that is already open (see ``DBAtomicMode``).
     /// When `body` throws, the transaction is rolled back and the error rethrown.
     /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
     ///   - mode: What to do with an open transaction. Default ``DBAtomicMode/commit``.
     ///   - body: The work, given the context session.
     /// - Returns: What `body` returns.
@@ -72,7 +73,9 @@ extension DBConnect {
     ///
     /// What `body` does not commit is rolled back. Use it for work that must not share the
     /// request's transaction, or to run queries concurrently.
-    /// - Parameter body: The work, given the session.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: The work, given the session.
     /// - Returns: What `body` returns.
     /// > Warning: Do not keep the session after `body` returns; it is closed.
     public func withSession<R>(
@@ -98,7 +101,9 @@ extension DBConnect {
 
     /// Runs `body` in a new session's transaction outside the context: commits when `body`
     /// returns, rolls back when it throws, closes the session either way.
-    /// - Parameter body: The work, given the session.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: The work, given the session.
     /// - Returns: What `body` returns.
     /// - Throws: What `body` throws, or ``DBError/Code/commitFailed`` or ``DBError/Code/commitOutcomeUnknown``.
     public func withTransaction<R>(
@@ -111,6 +116,7 @@ extension DBConnect {
     }
 
     /// Runs `body`, then commits; rolls back and rethrows when `body` or the commit fails.
+    /// - Parameter isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
     private static func inTransaction<R>(
         _ session: DBSession<Engine>,
         isolation: isolated (any Actor)? = #isolation,

@@ -57,7 +57,9 @@ public final class DBContext: Sendable {
     }
 
     /// Runs `body` with this context as ``current``.
-    /// - Parameter body: The work; every session it asks for lives in this context.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: The work; every session it asks for lives in this context.
     /// - Returns: What `body` returns.
     public func run<R>(
         isolation: isolated (any Actor)? = #isolation,
@@ -249,6 +251,7 @@ public enum DBContextNesting: Sendable {
 /// for background jobs, for tests, and to run queries concurrently: each context has its own
 /// sessions and so its own connections.
 /// - Parameters:
+///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
 ///   - ifActive: What to do when a context is already active. Default: open a new one.
 ///   - beforeCommit: Runs before each commit with the session about to commit.
 ///   - body: The work.
@@ -269,6 +272,7 @@ public func withDBContext<R>(
 ///
 /// Framework integrations (`DBSessionMiddleware`) are built on it; use it to write your own.
 /// - Parameters:
+///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
 ///   - ifActive: What to do when a context is already active. Default ``DBContextNesting/join``:
 ///     run in it and leave the ending to its owner (a test that installed one, say) — except in
 ///     a transactional test (`ContextDBTesting`), where the request gets a nested context so its

@@ -16,6 +16,7 @@ extension DBSession {
     /// see the test's uncommitted data — but they are then not read-only. Leave it out to keep
     /// it a real, separate read-only connection.
     /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
     ///   - connects: The connects whose sessions become savepoint sessions.
     ///   - body: The test.
     /// - Returns: What `body` returns.

@@ -147,7 +147,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Runs `body` with this session's connection inside its transaction.
     ///
     /// Leases a connection on first use and begins a transaction when none is open.
-    /// - Parameter body: Work on the connection. It must not keep the connection.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: Work on the connection. It must not keep the connection.
     /// - Returns: What `body` returns.
     /// - Throws: ``DBError/Code/sessionBusy`` when another task is using the session,
     ///   ``DBError/Code/sessionClosed`` after ``close()``, ``DBError/Code/connectionLost`` when the
@@ -157,7 +159,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// > Warning: The connection belongs to the session: do not use it after `body` returns.
     /// > Statements sent on it directly bypass the engine's guards (a statement timeout, the
     /// > fast failure on a connection the server closed): prefer the engine module's query
-    /// > functions, or ``withLeasedConnection(isolation:_:)`` and the engine's own.
+    /// > functions, or `withLeasedConnection(isolation:_:)` and the engine's own.
     public func withConnection<R>(
         isolation: isolated (any Actor)? = #isolation,
         _ body: (Engine.Connection) async throws -> R
@@ -181,7 +183,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Behaves as ``withConnection(isolation:_:)``. When `body` throws and the engine reports the
     /// connection unusable (``DatabaseEngine/isConnectionUsable(_:)``), the session discards it
     /// (it is never pooled) and, if a transaction was open, remembers it as lost.
-    /// - Parameter body: Work on the connection. It must not keep the connection.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: Work on the connection. It must not keep the connection.
     /// - Returns: What `body` returns.
     /// - Throws: See ``withConnection(isolation:_:)``.
     public func withLeasedConnection<R>(
@@ -205,10 +209,12 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// nothing of the transaction ran yet — an engine module may then restart the transaction
     /// to retry a statement that failed for a reason a new transaction fixes.
     ///
-    /// Behaves as ``withLeasedConnection(isolation:_:)`` otherwise. In a transactional test (the
+    /// Behaves as `withLeasedConnection(isolation:_:)` otherwise. In a transactional test (the
     /// session's transaction is a savepoint), `beganTransaction` is `false`.
-    /// - Parameter body: Work on the connection, given the engine, the connection and whether
-    ///   this call began the transaction. It must not keep the connection.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: Work on the connection, given the engine, the connection and whether
+    ///     this call began the transaction. It must not keep the connection.
     /// - Returns: What `body` returns.
     /// - Throws: See ``withConnection(isolation:_:)``.
     public func withLeasedConnection<R>(

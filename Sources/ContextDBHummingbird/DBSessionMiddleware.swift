@@ -2,7 +2,7 @@ import ContextDB
 import HTTPTypes
 import Hummingbird
 
-/// Gives every request its own ``ContextDB/DBContext`` and ends it before the response leaves.
+/// Gives every request its own `DBContext` and ends it before the response leaves.
 ///
 /// - A request that already runs in a context (a test installed one) passes through untouched.
 /// - Otherwise the middleware opens a context and calls the rest of the chain in it. When the
@@ -39,7 +39,7 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     ///   - beforeCommit: Runs before each commit; `DBContext.current` is the request's context.
     ///   - onCommitted: Runs after a successful commit with the context and the response.
     ///   - consistencyToken: The cookie and header that carry the read-your-own-writes position
-    ///     (``ContextDB/DBContext/consistencyToken``) between requests. Default `"X-WAL-LSN"`:
+    ///     (`DBContext.consistencyToken`) between requests. Default `"X-WAL-LSN"`:
     ///     a position sent back in that cookie or header routes the request's replica reads to
     ///     a replica that has it; a request whose commit advanced it answers with the cookie and
     ///     the header. `nil` turns this off.

@@ -11,7 +11,7 @@ extension DBConnect where Engine == PostgresEngine {
     ///                             options: DBSessionOptions(readOnly: true))
     /// ```
     /// With several hosts in the URI, the first is the default; `beforeCreateSession` may pick
-    /// another with ``DBConnect/changeHost(_:)`` (as `"host:port"`). Each host gets its own engine.
+    /// another with `DBConnect.changeHost(_:)` (as `"host:port"`). Each host gets its own engine.
     /// - Parameters:
     ///   - label: A name for logs and errors.
     ///   - url: The URI; several hosts allowed.
@@ -31,7 +31,7 @@ extension DBConnect where Engine == PostgresEngine {
     ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
     ///   - beforeCreateSession: Runs before each session is created; may choose the host.
-    /// - Throws: ``DBError/Code/invalidConfiguration`` or ``DBError/Code/emptyHost`` for a bad URI.
+    /// - Throws: `DBError.Code.invalidConfiguration` or `DBError.Code.emptyHost` for a bad URI.
     public convenience init(
         label: String = "default",
         url: String,
@@ -70,7 +70,7 @@ extension DBConnect where Engine == PostgresEngine {
     /// Declares a PostgreSQL database from PostgresNIO's configuration. Connects nothing yet.
     ///
     /// The host of new sessions is `configuration`'s; a host chosen with
-    /// ``DBConnect/changeHost(_:)`` (`"host:port"`) gets an engine with the same configuration
+    /// `DBConnect.changeHost(_:)` (`"host:port"`) gets an engine with the same configuration
     /// and that address.
     /// - Parameters:
     ///   - label: A name for logs and errors.

@@ -18,11 +18,11 @@ extension DBSession where Engine == PostgresEngine {
     ///   - logger: Where PostgresNIO logs the query. Default: the engine's logger.
     ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
     /// - Returns: Every row, already read off the connection.
-    /// - Throws: ``DBError`` — ``DBError/Code/readOnlySession`` for a write in a read-only session,
-    ///   ``DBError/Code/queryFailed`` (with the server's message and SQLSTATE) for other server errors,
-    ///   ``DBError/Code/connectionLost`` when the server closed the connection (the transaction's
-    ///   work is gone; see ``DBSession/withLeasedConnection(isolation:_:)``),
-    ///   ``DBError/Code/statementTimeout`` past the connect's statement timeout.
+    /// - Throws: `DBError` — `DBError.Code.readOnlySession` for a write in a read-only session,
+    ///   `DBError.Code.queryFailed` (with the server's message and SQLSTATE) for other server errors,
+    ///   `DBError.Code.connectionLost` when the server closed the connection (the transaction's
+    ///   work is gone; see `DBSession.withLeasedConnection(isolation:_:)`),
+    ///   `DBError.Code.statementTimeout` past the connect's statement timeout.
     @discardableResult
     public func query(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> [PostgresRow] {
         try await withLeasedConnection { engine, connection, beganTransaction in
@@ -50,6 +50,7 @@ extension DBSession where Engine == PostgresEngine {
     /// Runs a statement and discards any rows it returns.
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
+    ///   - logger: Where PostgresNIO logs the statement. Default: the engine's logger.
     ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
     /// - Throws: See ``query(_:logger:prepared:)``.
     public func execute(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws {
@@ -59,6 +60,7 @@ extension DBSession where Engine == PostgresEngine {
     /// Runs a query and returns its first row, or `nil` when it returns none.
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
+    ///   - logger: Where PostgresNIO logs the statement. Default: the engine's logger.
     ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
     /// - Throws: See ``query(_:logger:prepared:)``.
     public func queryFirst(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> PostgresRow? {
@@ -70,6 +72,7 @@ extension DBSession where Engine == PostgresEngine {
     /// - Parameters:
     ///   - query: The statement; interpolated values are bound parameters.
     ///   - type: The Swift type of the value.
+    ///   - logger: Where PostgresNIO logs the statement. Default: the engine's logger.
     ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
     /// - Throws: See ``query(_:logger:prepared:)``, or a decoding error when the column has another type.
     public func queryValue<Value: PostgresDecodable>(

@@ -9,7 +9,7 @@ extension PostgresConnection.Configuration {
     /// PostgresNIO 1.33.2 keeps the client configuration's TLS setting internal, so it is read by
     /// reflection (`disable`, `prefer(TLSConfiguration)` or `require(TLSConfiguration)`); a
     /// version that changed its shape gives an error instead of a guess.
-    /// - Returns: The configuration, or ``ContextDB/DBError/Code/invalidConfiguration`` when the
+    /// - Returns: The configuration, or `DBError.Code.invalidConfiguration` when the
     ///   TLS setting cannot be read or its TLS context cannot be built.
     static func converting(_ client: PostgresClient.Configuration, host: String) -> Result<Self, DBError> {
         let tls: TLS

@@ -10,11 +10,11 @@ extension PostgresConnection {
     /// PostgresNIO 1.33.2 never answers a statement written to a connection the server has
     /// already closed (the write reaches a pipeline without its handler, and the statement's
     /// promise is dropped). So a statement
-    /// - fails at once with ``ContextDB/DBError/Code/connectionLost`` when the connection is
+    /// - fails at once with `DBError.Code.connectionLost` when the connection is
     ///   closed before it is sent;
     /// - is checked on the connection's event loop right after its write (the loop runs tasks in
     ///   order): when the connection closed before the write arrived, it fails with
-    ///   ``ContextDB/DBError/Code/connectionLost`` instead of waiting;
+    ///   `DBError.Code.connectionLost` instead of waiting;
     /// - with a `timeout`, is cancelled at the deadline (`cancel`), and its connection closed
     ///   `grace` later when the server answers neither.
     ///
@@ -32,9 +32,9 @@ extension PostgresConnection {
     ///   - grace: How long after the deadline (and the cancel) the connection is closed when the
     ///     statement still has no answer. Default ``PostgresEngine/cancelGrace``.
     /// - Returns: The rows and the command tag.
-    /// - Throws: ``ContextDB/DBError/Code/connectionLost`` when the server closed the connection
+    /// - Throws: `DBError.Code.connectionLost` when the server closed the connection
     ///   (with the server's message and SQLSTATE when it sent one; with a ``StatementNotSent``
-    ///   cause when the statement never left), ``ContextDB/DBError/Code/statementTimeout`` when
+    ///   cause when the statement never left), `DBError.Code.statementTimeout` when
     ///   the deadline passed, or PostgresNIO's error for a failed statement.
     func guardedQuery(
         _ query: PostgresQuery,
@@ -166,14 +166,14 @@ extension PostgresConnection {
     }
 }
 
-/// The cause of a ``ContextDB/DBError/Code/statementTimeout`` whose connection was closed at the
+/// The cause of a `DBError.Code.statementTimeout` whose connection was closed at the
 /// deadline: the connection is gone, whatever `isClosed` says yet.
 struct ClosedAtDeadline: Error, CustomStringConvertible {
     let cause: any Error
     var description: String { "the connection was closed at the statement's deadline" }
 }
 
-/// The cause of a ``ContextDB/DBError/Code/connectionLost`` whose statement never reached the
+/// The cause of a `DBError.Code.connectionLost` whose statement never reached the
 /// server: retrying it elsewhere is safe, and a `COMMIT` that was never sent committed nothing.
 struct StatementNotSent: Error, CustomStringConvertible {
     var description: String { "the statement was not sent" }

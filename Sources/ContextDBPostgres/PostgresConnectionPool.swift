@@ -93,7 +93,7 @@ final class PostgresConnectionPool: Sendable {
     // MARK: - Leasing
 
     /// A connection for a session: an idle one, a new one, or the next one released.
-    /// - Throws: ``ContextDB/DBError/Code/connectionFailed`` with the server's reason when
+    /// - Throws: `DBError.Code.connectionFailed` with the server's reason when
     ///   connecting failed, when none came within the lease timeout, or after shutdown;
     ///   `CancellationError` when the task was cancelled while waiting.
     func lease() async throws -> PostgresConnection {

@@ -2,7 +2,7 @@ import ContextDB
 
 /// One PostgreSQL server address: a host and a port.
 ///
-/// Its ``description`` (`"db1:5432"`, `"[::1]:5432"`) is the host string ``DBConnect`` keys its
+/// Its ``description`` (`"db1:5432"`, `"[::1]:5432"`) is the host string `DBConnect` keys its
 /// engines by and the `served_by` a session reports.
 public struct PostgresEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// The host name or IP address, without brackets.
@@ -23,7 +23,7 @@ public struct PostgresEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// - Parameters:
     ///   - text: The address.
     ///   - defaultPort: The port when `text` names none.
-    /// - Throws: ``DBError/Code/emptyHost`` or ``DBError/Code/invalidConfiguration``.
+    /// - Throws: `DBError.Code.emptyHost` or `DBError.Code.invalidConfiguration`.
     public init(parsing text: String, defaultPort: Int = 5432) throws {
         var hostPart = Substring(text)
         var portPart: Substring?

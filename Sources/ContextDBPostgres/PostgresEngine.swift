@@ -3,7 +3,7 @@ import Logging
 import PostgresNIO
 import Synchronization
 
-/// A ``DatabaseEngine`` on PostgresNIO: a pool of `PostgresConnection`s to one server.
+/// A `DatabaseEngine` on PostgresNIO: a pool of `PostgresConnection`s to one server.
 ///
 /// A session leases a connection for its whole life; a lease is served by the most recently
 /// released idle connection, by a new one, or by the next one released (first come, first
@@ -17,7 +17,7 @@ import Synchronization
 /// no connection within ``leaseTimeout`` fails too.
 ///
 /// No statement waits forever: one on a connection the server closed fails at once with
-/// ``ContextDB/DBError/Code/connectionLost`` (the connection is discarded), and with a
+/// `DBError.Code.connectionLost` (the connection is discarded), and with a
 /// ``statementTimeout`` a statement past its deadline is cancelled, then its connection closed.
 /// A connection released clean has its session state reset (``resetsSessionState``) before the
 /// next lease gets it.
@@ -33,14 +33,14 @@ public final class PostgresEngine: DatabaseEngine {
     /// The logger for the engine's own messages and its statements.
     public let logger: Logger
     /// Whether a commit of a transaction that wrote records its WAL position in the request
-    /// context (``ContextDB/DBContext/consistencyToken``) for read-your-own-writes. It costs one
+    /// context (`DBContext.consistencyToken`) for read-your-own-writes. It costs one
     /// round trip per commit, and one more when the transaction wrote.
     public let capturesCommitLSN: Bool
     /// The client-side deadline of every statement (the session's, `BEGIN`, `COMMIT`,
     /// `ROLLBACK`); `nil` for none. At the deadline the engine sends a cancel request
     /// (`pg_cancel_backend`, from a connection of its own), and when the server answers neither
     /// within ``cancelGrace`` — a frozen host — it closes the connection. The statement then fails
-    /// with ``ContextDB/DBError/Code/statementTimeout``; when the connection was closed, the
+    /// with `DBError.Code.statementTimeout`; when the connection was closed, the
     /// session also treats its transaction as lost.
     ///
     /// > Note: A cancel names the backend process, so it needs a direct session to the server;
@@ -85,7 +85,7 @@ public final class PostgresEngine: DatabaseEngine {
     /// `options.connectTimeout`, `options.tlsServerName`, `options.requireBackendKeyData`,
     /// `options.additionalStartupParameters` and `options.maximumConnections`; the other
     /// pool options do not apply. When the TLS setting cannot be read (a PostgresNIO version
-    /// that changed it), every lease fails with ``ContextDB/DBError/Code/invalidConfiguration``.
+    /// that changed it), every lease fails with `DBError.Code.invalidConfiguration`.
     /// - Parameters:
     ///   - configuration: PostgresNIO's client configuration (host, credentials, TLS, pool size).
     ///   - leaseTimeout: The longest a lease may wait for a connection. Default 30 seconds.
@@ -123,7 +123,7 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - statementCacheSize: How many statements each connection prepares (see ``statementCacheSize``). Default 100.
     ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
     ///   - logger: Where the engine logs.
-    /// - Throws: ``DBError/Code/invalidConfiguration`` when the TLS settings cannot be built.
+    /// - Throws: `DBError.Code.invalidConfiguration` when the TLS settings cannot be built.
     public convenience init(
         url: PostgresURL,
         endpoint: PostgresEndpoint? = nil,
@@ -197,9 +197,9 @@ public final class PostgresEngine: DatabaseEngine {
     // MARK: - Leasing
 
     /// Leases a connection: an idle one, a new one, or the next one released.
-    /// - Throws: ``ContextDB/DBError/Code/connectionFailed`` with the server's reason when
+    /// - Throws: `DBError.Code.connectionFailed` with the server's reason when
     ///   connecting failed, when no connection came within ``leaseTimeout``, or after
-    ///   ``shutdown()``; ``ContextDB/DBError/Code/invalidConfiguration`` for an engine whose
+    ///   ``shutdown()``; `DBError.Code.invalidConfiguration` for an engine whose
     ///   configuration cannot connect; `CancellationError` when the task was cancelled.
     public func leaseConnection() async throws -> PostgresConnection {
         while true {
@@ -217,9 +217,9 @@ public final class PostgresEngine: DatabaseEngine {
 
     /// Runs a transaction control statement, bounded by ``statementTimeout``.
     ///
-    /// - Throws: For `COMMIT`, ``ContextDB/DBError/Code/commitFailed`` when the server answers
+    /// - Throws: For `COMMIT`, `DBError.Code.commitFailed` when the server answers
     ///   with the tag `ROLLBACK` (it rolled back an aborted transaction); when the connection is
-    ///   lost while `COMMIT` runs, ``ContextDB/DBError/Code/commitOutcomeUnknown``. See
+    ///   lost while `COMMIT` runs, `DBError.Code.commitOutcomeUnknown`. See
     ///   ``query(_:on:logger:)`` for the rest.
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
         guard statement == .commit else {
@@ -266,9 +266,9 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - connection: A connection of this engine.
     ///   - logger: Where PostgresNIO logs the statement.
     /// - Returns: The rows and the command tag (`result.metadata.command`).
-    /// - Throws: ``ContextDB/DBError/Code/connectionLost`` when the server closed the connection
+    /// - Throws: `DBError.Code.connectionLost` when the server closed the connection
     ///   (with its message and SQLSTATE when it sent one: 57P01, 25P03, 40001…),
-    ///   ``ContextDB/DBError/Code/statementTimeout`` when the deadline cancelled the statement,
+    ///   `DBError.Code.statementTimeout` when the deadline cancelled the statement,
     ///   else PostgresNIO's `PSQLError`.
     public func query(_ query: PostgresQuery, on connection: PostgresConnection, logger: Logger) async throws -> PostgresQueryResult {
         do {

@@ -32,12 +32,12 @@ public struct PostgresLSN: Sendable, Hashable, Comparable, CustomStringConvertib
 }
 
 extension DBContext {
-    /// The read-your-own-writes position of this request, parsed from ``consistencyToken``.
+    /// The read-your-own-writes position of this request, parsed from `consistencyToken`.
     public var walPosition: PostgresLSN? {
         consistencyToken.flatMap(PostgresLSN.init)
     }
 
-    /// Raises ``consistencyToken`` to `position` unless it is already at or past it.
+    /// Raises `consistencyToken` to `position` unless it is already at or past it.
     public func advanceConsistencyToken(to position: PostgresLSN) {
         updateConsistencyToken { current in
             if let current = current.flatMap(PostgresLSN.init), current >= position { return current.description }

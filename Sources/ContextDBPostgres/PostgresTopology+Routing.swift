@@ -20,7 +20,7 @@ extension PostgresTopology {
     /// the engines of hosts that stopped being the primary are drained — closed once their
     /// sessions have given their connections back. Right after start-up, before every host has
     /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
-    /// A session it cannot route fails with ``ContextDB/DBError/Code/noHostAvailable``, logged
+    /// A session it cannot route fails with `DBError.Code.noHostAvailable`, logged
     /// at warning level.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func primaryHook() -> DBConnect<PostgresEngine>.BeforeCreateSession {
@@ -53,7 +53,7 @@ extension PostgresTopology {
     /// A replica is fit when it is healthy, its WAL receiver is streaming (a replica that lost
     /// its primary serves no token-less read), it lags at most `maximumLagBytes` and `maximumLag`
     /// (see ``PostgresTopology/HostStatus/unfitReason(maximumLagBytes:maximumLag:)``), and — when
-    /// the request carries a read-your-own-writes position (``ContextDB/DBContext/consistencyToken``)
+    /// the request carries a read-your-own-writes position (`DBContext.consistencyToken`)
     /// — has replayed up to it. When no replica is fit for that position, the hook re-probes the
     /// replicas for up to `readYourWritesWait`; then it uses the primary. The fit replicas,
     /// ordered by `policy`, then the primary (with `fallbackToPrimary`) are the session's
@@ -71,7 +71,7 @@ extension PostgresTopology {
     ///     Default 500 ms. A re-probe already running finishes first, so a replica that stopped
     ///     answering and is not marked down yet can stretch the wait by up to one probe timeout.
     /// Like ``primaryHook()``, it waits for the first probe round right after start-up, and a
-    /// session it cannot route fails with ``ContextDB/DBError/Code/noHostAvailable``, logged at
+    /// session it cannot route fails with `DBError.Code.noHostAvailable`, logged at
     /// warning level.
     /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
     public func replicaHook(

@@ -144,7 +144,7 @@ public final class PostgresTopology: Service, Sendable {
     ///   - url: The cluster's URI (all hosts; the credentials are used for the probes).
     ///   - configuration: Probe interval, timeout and hysteresis.
     ///   - logger: Where to log.
-    /// - Throws: ``DBError`` for a malformed URI.
+    /// - Throws: `DBError` for a malformed URI.
     public convenience init(
         url: String,
         configuration: Configuration = Configuration(),

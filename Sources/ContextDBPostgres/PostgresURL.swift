@@ -28,8 +28,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
 
     /// Parses a URI.
     /// - Parameter string: A `postgresql://` or `postgres://` URI.
-    /// - Throws: ``DBError/Code/invalidConfiguration`` naming the problem (never echoing the password),
-    ///   or ``DBError/Code/emptyHost``.
+    /// - Throws: `DBError.Code.invalidConfiguration` naming the problem (never echoing the password),
+    ///   or `DBError.Code.emptyHost`.
     public init(_ string: String) throws {
         func invalid(_ problem: String) -> DBError {
             DBError(

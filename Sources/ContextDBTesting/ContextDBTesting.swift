@@ -4,6 +4,7 @@ import ContextDB
 /// middleware then passes through, so requests the test sends in-process share its sessions.
 ///
 /// - Parameters:
+///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
 ///   - autoClose: `true` (the default): when `body` returns, open transactions are committed —
 ///     rolled back when it throws — and every session is closed, as the middleware would.
 ///     `false`: nothing is committed; at the end everything still open is rolled back and every
@@ -60,6 +61,7 @@ public enum DBTestReplicaMode: Sendable, Hashable {
 /// }                                                     // rolled back: the database is unchanged
 /// ```
 /// - Parameters:
+///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
 ///   - primary: The connect whose engine lends the test's connection.
 ///   - replicas: Other connects of the app (replicas).
 ///   - replicaMode: Whether `replicas` share the test's connection. Default: they do.
@@ -82,7 +84,9 @@ extension DBConnect {
     /// also what `body` commits: its commits are savepoint releases inside one transaction.
     ///
     /// The session is outside any context, and so is `body`'s work unless it opens one.
-    /// - Parameter body: The fixture work, given the session.
+    /// - Parameters:
+    ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
+    ///   - body: The fixture work, given the session.
     /// - Returns: What `body` returns.
     public func withRollbackSession<R>(
         isolation: isolated (any Actor)? = #isolation,
