@@ -29,8 +29,18 @@ export PG_REPLICAS=${PG_REPLICAS:-2}
 scripts/pg-cluster.sh start
 eval "$(scripts/pg-cluster.sh env)"
 
-echo "== building the example"
-swift build --product ContextDBExample 2>&1 | tail -n 1
+echo "== building the example (a first build takes several minutes; progress below)"
+build_log=$(mktemp)
+# One line per finished build step, overwritten in place; the whole log when the build fails.
+if ! swift build --product ContextDBExample 2>&1 | tee "$build_log" \
+        | while IFS= read -r line; do printf '\r\033[K%.100s' "$line"; done; then
+    echo
+    echo "== the build failed; its whole output:" >&2
+    cat "$build_log" >&2
+    exit 1
+fi
+echo
+rm -f "$build_log"
 bin=$(swift build --product ContextDBExample --show-bin-path)/ContextDBExample
 
 echo "== starting it on 127.0.0.1:$port (DATABASE_URL=${DATABASE_URL/:$POSTGRES_PASSWORD@/:***@})"
@@ -59,6 +69,13 @@ for route in simple_usage atomic_base_example atomic_and_previous_transaction ea
     status=$(post "/$route")
     printf '%-34s %-7s %-5s %s\n' "/$route" "$status" "$(sql 'SELECT count(*) FROM example')" "$(cookie)"
 done
+cat <<'TEXT'
+Three routes answer 500 on purpose, as in the Python original: /auto_rollback_by_exception
+throws and /auto_rollback_by_status_code returns 500, so the middleware rolls their work back
+(0 rows); /atomic_and_previous_transaction ends with an atomic block in .fail mode, which throws
+because a transaction is open — yet 5 rows stay: the rows its .commit, .rollback and .append
+blocks committed before that; only what was still open is rolled back.
+TEXT
 
 echo
 echo "== items: write on the primary, read through a replica"
