@@ -262,8 +262,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     @usableFromInline
     func existingSession() throws -> DBSession<Engine>? {
         guard let session = try requireContext().liveSession(for: ObjectIdentifier(self), label: label) else { return nil }
-        // Only sessions of this connect are stored under its identity.
-        return unsafeDowncast(session, to: DBSession<Engine>.self)
+        return storedSession(session, of: self)
     }
 
     func requireContext() throws -> DBContext {

@@ -5,7 +5,7 @@ import Synchronization
 extension DBContext {
     func pinnedSession<Engine>(for connect: DBConnect<Engine>) -> DBSession<Engine>? {
         state.withLock { state in
-            state.pinned[ObjectIdentifier(connect)].map { unsafeDowncast($0.session, to: DBSession<Engine>.self) }
+            state.pinned[ObjectIdentifier(connect)].map { storedSession($0.session, of: connect) }
         }
     }
 

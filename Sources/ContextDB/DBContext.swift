@@ -61,7 +61,7 @@ public final class DBContext: Sendable {
     }
 
     /// Whether ``end()`` ran: no new session can be made in this context.
-    public var isFinished: Bool { state.withLock { $0.finished } }
+    public var isEnded: Bool { state.withLock { $0.finished } }
 
     // MARK: - Session map
 
@@ -95,7 +95,7 @@ public final class DBContext: Sendable {
             if state.finished { throw Self.finishedError(connect.label) }
             if let index = state.entries.firstIndex(where: { $0.key == key }) {
                 let existing = state.entries[index]
-                if !existing.liveness.isClosed { return unsafeDowncast(existing.session, to: DBSession<Engine>.self) }
+                if !existing.liveness.isClosed { return storedSession(existing.session, of: connect) }
                 state.entries[index] = Entry(key: key, session: candidate)
             } else {
                 state.entries.append(Entry(key: key, session: candidate))
@@ -108,7 +108,7 @@ public final class DBContext: Sendable {
         let key = ObjectIdentifier(connect)
         return state.withLock { state in
             guard let index = state.entries.firstIndex(where: { $0.key == key }) else { return nil }
-            return unsafeDowncast(state.entries.remove(at: index).session, to: DBSession<Engine>.self)
+            return storedSession(state.entries.remove(at: index).session, of: connect)
         }
     }
 
@@ -119,4 +119,16 @@ public final class DBContext: Sendable {
             connect: label
         )
     }
+}
+
+/// A session of the context's map, as the type of the connect it is stored for.
+///
+/// Sound: the map is written only by `insert(_:for:)` and `pin(_:for:)`, both generic over one
+/// `Engine` for the session and the connect, under the key `ObjectIdentifier(connect)`; and a
+/// connect's identifier cannot pass to another object while its session is in the map (the
+/// session holds the connect). So the session stored under a `DBConnect<Engine>`'s identifier is
+/// a `DBSession<Engine>`. Unchecked, because a checked cast costs a type-metadata lookup in code
+/// that is not specialized for the engine.
+func storedSession<Engine>(_ session: AnyObject, of connect: DBConnect<Engine>) -> DBSession<Engine> {
+    unsafeDowncast(session, to: DBSession<Engine>.self)
 }

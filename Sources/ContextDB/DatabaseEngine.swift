@@ -48,7 +48,8 @@ public protocol DatabaseEngine: Sendable {
     func shutdown() async
 }
 
-/// A transaction control statement a session asks its engine to run.
+/// A transaction control statement a session asks its engine to run. The engine writes it in
+/// its own dialect (`ContextDBPostgres` as PostgreSQL's `BEGIN … ISOLATION LEVEL … READ ONLY`).
 public enum DBControlStatement: Sendable, Hashable {
     /// Opens a transaction with the session's options.
     case begin(DBSessionOptions)
@@ -62,22 +63,6 @@ public enum DBControlStatement: Sendable, Hashable {
     case releaseSavepoint(String)
     /// Undoes the work since a savepoint, keeping the transaction open.
     case rollbackToSavepoint(String)
-
-    /// The statement as standard SQL, as PostgreSQL reads it.
-    public var sql: String {
-        switch self {
-        case .begin(let options):
-            var sql = "BEGIN"
-            if let level = options.isolationLevel { sql += " ISOLATION LEVEL \(level.sql)" }
-            if options.readOnly { sql += " READ ONLY" }
-            return sql
-        case .commit: return "COMMIT"
-        case .rollback: return "ROLLBACK"
-        case .savepoint(let name): return "SAVEPOINT \(name)"
-        case .releaseSavepoint(let name): return "RELEASE SAVEPOINT \(name)"
-        case .rollbackToSavepoint(let name): return "ROLLBACK TO SAVEPOINT \(name)"
-        }
-    }
 }
 
 /// How a ``DBConnect``'s sessions open their transactions.
@@ -108,15 +93,6 @@ public enum DBIsolationLevel: String, Sendable, Hashable, CaseIterable {
     /// `SERIALIZABLE`.
     case serializable
 
-    /// The level as it is written in SQL.
-    public var sql: String {
-        switch self {
-        case .readUncommitted: return "READ UNCOMMITTED"
-        case .readCommitted: return "READ COMMITTED"
-        case .repeatableRead: return "REPEATABLE READ"
-        case .serializable: return "SERIALIZABLE"
-        }
-    }
 }
 
 extension DatabaseEngine {

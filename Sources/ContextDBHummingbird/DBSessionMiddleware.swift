@@ -38,7 +38,7 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     /// - Parameters:
     ///   - beforeCommit: Runs before each commit; `DBContext.current` is the request's context.
     ///   - onCommitted: Runs after a successful commit with the context and the response.
-    ///   - consistencyToken: The cookie and header that carry the read-your-own-writes position
+    ///   - consistencyTokenName: The name of the cookie and header that carry the read-your-own-writes position
     ///     (`DBContext.consistencyToken`) between requests. Default `"X-WAL-LSN"`:
     ///     a position sent back in that cookie or header routes the request's replica reads to
     ///     a replica that has it; a request whose commit advanced it answers with the cookie and
@@ -46,12 +46,12 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     public init(
         beforeCommit: BeforeCommit? = nil,
         onCommitted: OnCommitted? = nil,
-        consistencyToken: String? = "X-WAL-LSN"
+        consistencyTokenName: String? = "X-WAL-LSN"
     ) {
         self.beforeCommit = beforeCommit
         self.onCommitted = onCommitted
-        self.tokenName = consistencyToken
-        self.tokenField = consistencyToken.flatMap { HTTPField.Name($0) }
+        self.tokenName = consistencyTokenName
+        self.tokenField = consistencyTokenName.flatMap { HTTPField.Name($0) }
     }
 
     public func handle(

@@ -223,7 +223,7 @@ public final class PostgresEngine: DatabaseEngine {
     ///   ``query(_:on:logger:)`` for the rest.
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
         guard statement == .commit else {
-            _ = try await query(PostgresQuery(unsafeSQL: statement.sql), on: connection, logger: logger)
+            _ = try await query(PostgresQuery(unsafeSQL: statement.postgresSQL), on: connection, logger: logger)
             return
         }
         let wrote = capturesCommitLSN

@@ -5,18 +5,18 @@ import ContextDB
 ///
 /// - Parameters:
 ///   - isolation: The caller's actor, passed implicitly (`#isolation`): `body` runs on it.
-///   - autoClose: `true` (the default): when `body` returns, open transactions are committed —
+///   - commits: `true` (the default): when `body` returns, open transactions are committed —
 ///     rolled back when it throws — and every session is closed, as the middleware would.
 ///     `false`: nothing is committed; at the end everything still open is rolled back and every
 ///     session closed, so no connection outlives the test.
 ///   - body: The test.
 /// - Returns: What `body` returns.
 public func withTestDBContext<R>(
-    autoClose: Bool = true,
+    commits: Bool = true,
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
-    if autoClose {
+    if commits {
         return try await withDBContext(ifActive: .newContext, body)
     }
     let context = DBContext()

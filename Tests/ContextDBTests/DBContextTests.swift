@@ -19,7 +19,7 @@ import TestSupport
             return DBContext.current
         }
         #expect(context != nil)
-        #expect(context?.isFinished == true)
+        #expect(context?.isEnded == true)
         #expect(DBContext.current == nil)
     }
 

@@ -177,7 +177,7 @@ struct FakeEngine: DatabaseEngine {
     }
 
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws {
-        try await database.run(statement.sql, on: connection)
+        try await database.run(statement.fakeSQL, on: connection)
     }
 
     func isConnectionUsable(_ connection: Connection) -> Bool {
@@ -212,4 +212,24 @@ extension DBConnect where Engine == FakeEngine {
         }
     }
 
+}
+
+extension DBControlStatement {
+    /// What the fake database runs and logs: PostgreSQL's spelling (the core has no SQL of its
+    /// own), which the core's tests assert.
+    var fakeSQL: String {
+        switch self {
+        case .begin(let options):
+            // `repeatableRead` → `REPEATABLE READ`
+            let level = options.isolationLevel.map { level in
+                "ISOLATION LEVEL " + level.rawValue.replacing(/([a-z])([A-Z])/) { "\($0.1) \($0.2)" }.uppercased()
+            }
+            return ["BEGIN", level, options.readOnly ? "READ ONLY" : nil].compactMap { $0 }.joined(separator: " ")
+        case .commit: return "COMMIT"
+        case .rollback: return "ROLLBACK"
+        case .savepoint(let name): return "SAVEPOINT " + name
+        case .releaseSavepoint(let name): return "RELEASE SAVEPOINT " + name
+        case .rollbackToSavepoint(let name): return "ROLLBACK TO SAVEPOINT " + name
+        }
+    }
 }

@@ -109,7 +109,7 @@ struct TestingUtilitiesTests {
     @Test func aTestContextMakesTheMiddlewarePassThrough() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(database: database)
-        try await withTestDBContext(autoClose: false) {
+        try await withTestDBContext(commits: false) {
             _ = await serve {
                 try await connect.session().execute("INSERT")
                 return 200
@@ -125,6 +125,6 @@ struct TestingUtilitiesTests {
                 return 200
             }
         }
-        #expect(database.committedRows == 1, "autoClose commits like the middleware")
+        #expect(database.committedRows == 1, "it commits like the middleware")
     }
 }
