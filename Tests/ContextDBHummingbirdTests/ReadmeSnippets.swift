@@ -32,7 +32,7 @@ enum ReadmeSnippets {
 
     static func primaryAndReplicas() throws -> (DBConnect<PostgresEngine>, DBConnect<PostgresEngine>, String) {
         let url = "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
-        let topology = try PostgresTopology(url: url)      // probes every host; add it to your services
+        let topology = try PostgresTopology(url: url)      // probes every host once it runs: a service
         let primary = try DBConnect(label: "primary", url: url, readYourWrites: true,
                                     beforeCreateSession: topology.primaryHook())
         let replica = try DBConnect(label: "replica", url: url, options: DBSessionOptions(readOnly: true),
