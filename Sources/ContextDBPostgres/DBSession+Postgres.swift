@@ -29,7 +29,7 @@ extension DBSession where Engine == PostgresEngine {
             let logger = logger ?? engine.logger
             do {
                 return try await engine.rows(query, on: connection, logger: logger, prepared: prepared)
-            } catch where beganTransaction && PostgresEngine.isStalePlan(error) {
+            } catch where beganTransaction && PostgresStatementCache.isStalePlan(error) {
                 // A schema change altered what the cached statement returns, and nothing of the
                 // transaction ran before it: start the transaction again and run the statement
                 // prepared anew. Once.

@@ -313,13 +313,6 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 
-    /// Whether `error` says a cached statement's plan no longer fits: a schema change altered
-    /// its result (SQLSTATE 0A000, `cached plan must not change result type`). The statement is
-    /// prepared anew on its next run.
-    static func isStalePlan(_ error: any Error) -> Bool {
-        PostgresStatementCache.isStalePlan(error)
-    }
-
     /// Whether the connection can still run statements: not closed, and no statement found it lost.
     public func isConnectionUsable(_ connection: PostgresConnection) -> Bool {
         !connection.isClosed && condemned.withLock { $0[ObjectIdentifier(connection)] } == nil

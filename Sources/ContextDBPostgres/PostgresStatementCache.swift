@@ -139,8 +139,15 @@ struct CachedStatement: PostgresPreparedStatement {
 
     @TaskLocal static var identity: Identity?
 
-    static var name: String { identity!.name }
-    static var sql: String { identity!.sql }
+    static var name: String { current.name }
+    static var sql: String { current.sql }
+
+    private static var current: Identity {
+        guard let identity else {
+            preconditionFailure("CachedStatement read outside PostgresStatementCache.run: this PostgresNIO reads a prepared statement's name where ContextDB cannot set it")
+        }
+        return identity
+    }
 
     let bindings: PostgresBindings
 

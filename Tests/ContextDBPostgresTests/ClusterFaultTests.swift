@@ -7,7 +7,8 @@ import Testing
 import TestSupport
 
 /// Faults of the issue "A request never hangs…" that need servers frozen, stopped or promoted,
-/// each on a scratch cluster of its own (ports below 32768, unique per test).
+/// each on a scratch cluster of its own (fixed ports outside the range Linux hands to outgoing
+/// connections, unique per test).
 @Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
 struct ClusterFaultTests {
     /// The example's probe settings: every 500 ms, 2 s timeout.

@@ -43,6 +43,14 @@ import Testing
         return connect
     }
 
+    /// A connection opened for waiter 1 and handed to it at time 0.
+    private func leased(_ machine: inout Machine) -> MockConnection {
+        queue(&machine, waiter: 1)
+        let connection = MockConnection(1)
+        _ = machine.connected(connection, now: .seconds(0))
+        return connection
+    }
+
     private func handedOut(_ action: Machine.ReturnAction) -> (Int, MockConnection)? {
         if case .handOut(let waiter, let connection) = action { return (waiter, connection) }
         return nil
@@ -91,9 +99,7 @@ import Testing
 
     @Test func aDirtyReleaseClosesTheConnectionAndConnectsAReplacementForAWaiter() {
         var machine = machine(maximum: 1)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         #expect(!queue(&machine, waiter: 2))
         guard case .close(let closed, let connect) = machine.release(a, reusable: false, now: .seconds(1)) else {
             Issue.record("a dirty connection is closed")
@@ -105,9 +111,7 @@ import Testing
 
     @Test func aFailedResetClosesTheConnection() {
         var machine = machine(maximum: 1)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         _ = machine.release(a, reusable: true, now: .seconds(1))
         guard case .close(let closed, let connect) = machine.resetFinished(a, succeeded: false, now: .seconds(1)) else {
             Issue.record("a connection whose reset failed is closed")
@@ -119,9 +123,7 @@ import Testing
 
     @Test func theResetCanBeTurnedOff() {
         var machine = machine(maximum: 1, resets: false)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         guard case .none = machine.release(a, reusable: true, now: .seconds(1)) else {
             Issue.record("without a reset, a clean connection is idle at once")
             return
@@ -153,9 +155,7 @@ import Testing
 
     @Test func aConnectFailureWhileConnectionsAreLeasedLetsTheOldestWaitForThem() {
         var machine = machine(maximum: 2)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         #expect(queue(&machine, waiter: 2))
         #expect(!queue(&machine, waiter: 3))
         let failed = machine.connectFailed(ConnectError(reason: "too many clients"), now: .seconds(1))
@@ -172,9 +172,7 @@ import Testing
 
     @Test func onceTheRetryDelayIsOverEveryWaiterGetsAConnectAtOnce() {
         var machine = machine(maximum: 3)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        _ = leased(&machine)
         #expect(queue(&machine, waiter: 2, at: .seconds(0)))
         _ = machine.connectFailed(ConnectError(reason: "the database system is starting up"), now: .seconds(0.1))
         // Within the delay, waiters queue (a leased connection may serve them) without connects.
@@ -188,9 +186,7 @@ import Testing
 
     @Test func aWaiterThatTimesOutAfterAFailedConnectGetsItsReason() {
         var machine = machine(maximum: 2)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        _ = leased(&machine)
         queue(&machine, waiter: 2, at: .seconds(0))
         _ = machine.connectFailed(ConnectError(reason: "too many clients"), now: .seconds(0.1))
         let tick = machine.tick(now: .seconds(30))
@@ -200,9 +196,7 @@ import Testing
 
     @Test func aWaiterFailsAtTheLeaseTimeout() {
         var machine = machine(maximum: 1)
-        queue(&machine, waiter: 1, at: .seconds(0))
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        _ = leased(&machine)
         queue(&machine, waiter: 2, at: .seconds(1))
         queue(&machine, waiter: 3, at: .seconds(20))
         #expect(machine.tick(now: .seconds(30.9)).expired.isEmpty)
@@ -214,9 +208,7 @@ import Testing
 
     @Test func anIdleConnectionClosesAfterTheIdleTimeoutAndTheTimerStops() {
         var machine = machine(maximum: 1)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         _ = machine.release(a, reusable: true, now: .seconds(1))
         guard case .none(let startTimer) = machine.resetFinished(a, succeeded: true, now: .seconds(2)) else { return }
         #expect(!startTimer, "the timer already runs for the waiter")
@@ -251,9 +243,7 @@ import Testing
 
     @Test func anIdleConnectionTheServerClosedLeavesThePool() {
         var machine = machine(maximum: 1, resets: false)
-        queue(&machine, waiter: 1)
-        let a = MockConnection(1)
-        _ = machine.connected(a, now: .seconds(0))
+        let a = leased(&machine)
         _ = machine.release(a, reusable: true, now: .seconds(0))
         machine.closed(a)
         #expect(machine.connectionCount == 0)

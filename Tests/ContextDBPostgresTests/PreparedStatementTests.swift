@@ -14,14 +14,7 @@ struct PreparedStatementTests {
         statementCacheSize: Int = 100, _ body: (DBConnect<PostgresEngine>) async throws -> R
     ) async throws -> R {
         let connect = try DBConnect(url: TestCluster.primaryURL, maximumConnections: 1, statementCacheSize: statementCacheSize)
-        do {
-            let result = try await body(connect)
-            await connect.close()
-            return result
-        } catch {
-            await connect.close()
-            throw error
-        }
+        return try await using(connect) { try await body(connect) }
     }
 
     /// The connection's prepared statements whose SQL contains `marker`.

@@ -9,18 +9,6 @@ import TestSupport
 /// The suite's time limit is the hang detector: before the fixes these tests never returned.
 @Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
 struct ServerFaultTests {
-    /// Runs `body` with `connect`, and closes it afterwards.
-    private func using<R>(_ connect: DBConnect<PostgresEngine>, _ body: () async throws -> R) async throws -> R {
-        do {
-            let result = try await body()
-            await connect.close()
-            return result
-        } catch {
-            await connect.close()
-            throw error
-        }
-    }
-
     /// The backend process ID of the session's connection.
     private func backendPID(_ session: DBSession<PostgresEngine>) async throws -> Int32 {
         try await session.queryValue("SELECT pg_backend_pid()", as: Int32.self)!

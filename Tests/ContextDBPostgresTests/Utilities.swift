@@ -130,3 +130,15 @@ struct Fixture {
         }
     }
 }
+
+/// Runs `body` with `connect`, and closes the connect afterwards, also when `body` throws.
+func using<R>(_ connect: DBConnect<PostgresEngine>, _ body: () async throws -> R) async throws -> R {
+    do {
+        let result = try await body()
+        await connect.close()
+        return result
+    } catch {
+        await connect.close()
+        throw error
+    }
+}
