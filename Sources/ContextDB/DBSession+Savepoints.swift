@@ -26,7 +26,7 @@ extension DBSession {
         _ body: () async throws -> R
     ) async throws -> R {
         try await withConnection { connection in
-            let engine = state.withLock { Self.currentLease($0) }!.engine
+            let engine = state.withLock { $0.phase.lease.map(Self.lease) }!.engine
             let shared = DBSharedConnection(engine: engine, connection: connection, host: host)
             let context = DBContext()
             for connect in connects {

@@ -1,0 +1,163 @@
+import Synchronization
+
+/// Ending transactions and the session: written once for pooled and savepoint sessions, with
+/// the statements and the connection's ownership from `mode`.
+extension DBSession {
+    /// Commits the open transaction, if any, and keeps the connection for the next one.
+    ///
+    /// Whether the transaction committed is the server's answer, not a count of failed
+    /// statements: a transaction recovered with `ROLLBACK TO SAVEPOINT` commits; one the server
+    /// aborted is answered with a rollback (PostgreSQL's `COMMIT` then returns the tag
+    /// `ROLLBACK`), which is reported as ``DBError/Code/commitFailed``.
+    /// - Throws: ``DBError/Code/commitFailed`` when the transaction did not commit: the server
+    ///   rolled it back, `COMMIT` failed, or the connection was lost before `COMMIT` was sent.
+    ///   ``DBError/Code/commitOutcomeUnknown`` when `COMMIT` was sent and the connection was lost
+    ///   before its answer: it may have committed.
+    nonisolated(nonsending) public func commit() async throws {
+        try await enter()
+        switch state.withLock({ $0.phase }) {
+        case .idle, .connected:
+            await leave()
+        case .lost(let lost):
+            endTransaction()
+            await leave()
+            throw DBError(
+                .commitFailed,
+                "the connection of this transaction was lost before COMMIT (\(lost.error.message)); the server rolled it back, nothing of it was saved",
+                connect: connect.label, host: host, underlying: lost.error
+            )
+        case .inTransaction(let lease, let savepoint):
+            let lease = Self.lease(lease)
+            do {
+                try await lease.engine.execute(mode.commit(savepoint: savepoint), on: lease.connection)
+                endTransaction()
+                await leave()
+            } catch let error as DBError where error.code == .commitFailed {
+                // The server ended the transaction without committing it: nothing to roll back.
+                endTransaction()
+                await leave()
+                throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
+            } catch let error as DBError where error.code == .commitOutcomeUnknown || Self.isLost(lease, after: error) {
+                await connectionLost(error)
+                endTransaction()
+                await leave()
+                if error.code == .commitOutcomeUnknown {
+                    throw DBError(.commitOutcomeUnknown, error.message, connect: connect.label, host: host, underlying: error.underlying)
+                }
+                throw DBError(
+                    .commitFailed,
+                    "the connection was lost before the transaction could end (\(error.message)); the server rolled it back, nothing of it was saved",
+                    connect: connect.label, host: host, underlying: error
+                )
+            } catch {
+                // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
+                do {
+                    try await runRollback(lease, savepoint: savepoint)
+                    endTransaction()
+                } catch {
+                    await dropConnection(lease)
+                }
+                await leave()
+                throw DBError(
+                    .commitFailed,
+                    "COMMIT failed and the transaction was rolled back; nothing of it was saved",
+                    connect: connect.label, host: host, underlying: error
+                )
+            }
+        }
+    }
+
+    /// Rolls the open transaction back, if any, and keeps the connection for the next one.
+    ///
+    /// A transaction lost with its connection is already rolled back by the server: this only
+    /// forgets it. If `ROLLBACK` itself fails the connection is closed instead of pooled, then
+    /// the error is thrown.
+    nonisolated(nonsending) public func rollback() async throws {
+        try await enter()
+        switch state.withLock({ $0.phase }) {
+        case .idle, .connected:
+            await leave()
+        case .lost:
+            endTransaction()
+            await leave()
+        case .inTransaction(let lease, let savepoint):
+            let lease = Self.lease(lease)
+            do {
+                try await runRollback(lease, savepoint: savepoint)
+                endTransaction()
+                await leave()
+            } catch where Self.isLost(lease, after: error) {
+                // The server rolls back the transaction of a connection that ends.
+                await connectionLost(lostError(error))
+                endTransaction()
+                await leave()
+            } catch {
+                await dropConnection(lease)
+                await leave()
+                throw error
+            }
+        }
+    }
+
+    /// Rolls back anything open and gives the connection back to the pool.
+    ///
+    /// The session refuses statements afterwards. When another task is running a statement on it,
+    /// the connection is given back as soon as that statement ends. In a transactional test
+    /// (a savepoint session) it rolls back to the session's savepoint and the session stays
+    /// usable: it is shared by the whole test.
+    nonisolated(nonsending) public func close() async {
+        guard mode.ownsConnection else {
+            try? await rollback()  // a failed rollback already forgot the transaction
+            return
+        }
+        let lease = state.withLock { state -> DBLease<Engine>? in
+            liveness.close()
+            if state.busy {
+                state.releaseWhenIdle = true
+                return nil
+            }
+            guard let lease = state.phase.lease else {
+                state.phase = .idle  // a transaction lost with its connection: nothing to release
+                return nil
+            }
+            state.busy = true
+            return Self.lease(lease)
+        }
+        guard let lease else { return }
+        await finalRelease(lease)
+        state.withLock { $0.busy = false }
+    }
+
+    /// Rolls back if needed, then releases. A connection whose rollback failed is not pooled.
+    nonisolated(nonsending) func finalRelease(_ lease: DBLease<Engine>) async {
+        let inTransaction = state.withLock { state in
+            defer { state.phase = .idle }
+            return state.phase.hasTransaction
+        }
+        var reusable = true
+        if inTransaction {
+            do { try await lease.engine.execute(.rollback, on: lease.connection) } catch { reusable = false }
+        }
+        await lease.engine.releaseConnection(lease.connection, reusable: reusable)
+    }
+
+    /// Forgets the open transaction (committed, rolled back, or lost with its connection).
+    private func endTransaction() {
+        state.withLock { $0.phase = mode.phase(afterEnding: $0.phase) }
+    }
+
+    /// Runs the mode's rollback statements.
+    nonisolated(nonsending) private func runRollback(_ lease: DBLease<Engine>, savepoint: String?) async throws {
+        for statement in mode.rollback(savepoint: savepoint) {
+            try await lease.engine.execute(statement, on: lease.connection)
+        }
+    }
+
+    /// After a rollback failed: the transaction is forgotten and an owned connection, in an
+    /// unknown state, is closed instead of pooled.
+    nonisolated(nonsending) private func dropConnection(_ lease: DBLease<Engine>) async {
+        guard mode.ownsConnection else { return endTransaction() }
+        state.withLock { $0.phase = .idle }
+        await lease.engine.releaseConnection(lease.connection, reusable: false)
+    }
+}

@@ -1,0 +1,194 @@
+import Synchronization
+
+/// Leasing a connection, opening transactions, and what a failure leaves behind.
+extension DBSession {
+    /// Marks the session in use by this task: the only way into an operation.
+    nonisolated(nonsending) func enter() async throws {
+        if case .savepoint(let shared, _) = mode {
+            // Savepoint sessions share one connection: wait for it instead of failing, so
+            // concurrent requests in a test are serialized, never interleaved.
+            await shared.lock()
+            state.withLock { $0.busy = true }
+            return
+        }
+        try state.withLock { state in
+            // Set under this lock by close(), so reading it here is ordered with it.
+            if liveness.isClosed {
+                throw DBError(.sessionClosed, "this session was closed; ask the connect for a new one with session()", connect: connect.label, host: state.host)
+            }
+            if state.busy {
+                throw DBError(
+                    .sessionBusy,
+                    "the session is already running a statement in another task; a session serves one task at a time, so give concurrent work its own context (withDBContext) or session (withSession)",
+                    connect: connect.label, host: state.host
+                )
+            }
+            state.busy = true
+        }
+    }
+
+    /// Ends this task's operation; gives the connection back when `close()` ran meanwhile.
+    nonisolated(nonsending) func leave() async {
+        if case .savepoint(let shared, _) = mode {
+            state.withLock { $0.busy = false }
+            shared.unlock()
+            return
+        }
+        let release = state.withLock { state -> DBLease<Engine>? in
+            state.busy = false
+            guard state.releaseWhenIdle else { return nil }
+            state.releaseWhenIdle = false
+            guard let lease = state.phase.lease else {
+                state.phase = .idle  // closed while its connection was lost: nothing to release
+                return nil
+            }
+            return Self.lease(lease)
+        }
+        if let release { await finalRelease(release) }
+    }
+
+    /// After a statement failed: discards a dead connection, then leaves.
+    nonisolated(nonsending) func failed(after error: any Error) async {
+        if let lease = state.withLock({ $0.phase.lease.map(Self.lease) }), Self.isLost(lease, after: error) {
+            await connectionLost(lostError(error))
+        }
+        await leave()
+    }
+
+    /// Whether `error` left the lease's connection dead: the engine says so, or (for an engine
+    /// that cannot tell) the error is ``DBError/Code/connectionLost``.
+    static func isLost(_ lease: DBLease<Engine>, after error: any Error) -> Bool {
+        (error as? DBError)?.code == .connectionLost || !lease.engine.isConnectionUsable(lease.connection)
+    }
+
+    /// The error a lost transaction is remembered by.
+    func lostError(_ error: any Error) -> DBError {
+        if let error = error as? DBError, error.code == .connectionLost || error.code == .statementTimeout { return error }
+        return DBError(.connectionLost, "the connection closed", connect: connect.label, host: host, underlying: error)
+    }
+
+    /// The server closed the connection: it is discarded, never pooled; an open transaction is
+    /// remembered as lost, so no later statement runs outside it as if nothing happened.
+    nonisolated(nonsending) func connectionLost(_ error: DBError) async {
+        let release = state.withLock { state -> DBLease<Engine>? in
+            let lease = state.phase.lease
+            if case .inTransaction = state.phase {
+                state.phase = .lost(DBLostTransaction(error))
+            } else if case .connected = state.phase, mode.ownsConnection {
+                state.phase = .idle
+            }
+            guard mode.ownsConnection else { return nil }  // the borrowed connection is not ours to close
+            return lease.map(Self.lease)
+        }
+        if let release { await release.engine.releaseConnection(release.connection, reusable: false) }
+    }
+
+    /// Leases a connection if needed and begins a transaction if none is open. Runs inside
+    /// `enter()`. `began` is whether this call sent `BEGIN` (not a test's savepoint).
+    nonisolated(nonsending) func prepare() async throws -> (lease: DBLease<Engine>, began: Bool) {
+        switch state.withLock({ $0.phase }) {
+        case .inTransaction(let lease, _):
+            return (Self.lease(lease), false)
+        case .idle:
+            return (try await acquire(), mode.ownsConnection)
+        case .connected(let lease):
+            let lease = Self.lease(lease)
+            do {
+                try await begin(lease)
+            } catch let error as DBError where error.code == .connectionLost && mode.ownsConnection {
+                // Closed before BEGIN was sent, and no transaction was open on it: a fresh
+                // connection to the same host serves.
+                return (try await acquire(), true)
+            }
+            return (lease, mode.ownsConnection)
+        case .lost(let lost):
+            throw DBError(
+                .connectionLost,
+                "the connection of this session's open transaction was lost (\(lost.error.message)); its work is gone: roll back (or let the request end) and retry the transaction",
+                connect: connect.label, host: lost.error.host ?? host, underlying: lost.error
+            )
+        }
+    }
+
+    /// Opens a transaction (or a test's savepoint); on failure the connection, in an unknown
+    /// state, is closed rather than pooled.
+    nonisolated(nonsending) func begin(_ lease: DBLease<Engine>) async throws {
+        let (statement, savepoint) = mode.begin(connect.options)
+        do {
+            try await lease.engine.execute(statement, on: lease.connection)
+            state.withLock { $0.phase = .inTransaction(lease, savepoint: savepoint) }
+        } catch {
+            guard mode.ownsConnection else { throw error }  // the borrowed connection is not ours to close
+            state.withLock { $0.phase = .idle }
+            await lease.engine.releaseConnection(lease.connection, reusable: false)
+            throw error
+        }
+    }
+
+    /// Leases a connection and begins a transaction. Until the session has had a connection, a
+    /// host that fails either step is reported and the next candidate tried, so a host that went
+    /// down costs no failed request while another can serve. A pooled connection the server had
+    /// already closed (``DBError/Code/connectionLost`` at `BEGIN`) is replaced once on the same
+    /// host: nothing ran on it.
+    nonisolated(nonsending) func acquire() async throws -> DBLease<Engine> {
+        let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
+        let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
+        var failures: [(host: String, error: any Error)] = []
+        for host in hosts {
+            var attempt = 0
+            while true {
+                attempt += 1
+                do {
+                    return try await lease(on: host)
+                } catch is CancellationError {
+                    throw CancellationError()
+                } catch let error as DBError where error.code == .connectionLost && attempt == 1 {
+                    continue
+                } catch {
+                    let failure = error as? DBError ?? DBError(
+                        .connectionFailed, "BEGIN failed on a new connection", connect: connect.label, host: host, underlying: error
+                    )
+                    onLeaseFailure?(host, failure)
+                    failures.append((host, error))
+                    break
+                }
+            }
+        }
+        if failures.count == 1 { throw failures[0].error }
+        throw DBError(
+            .connectionFailed,
+            "no host could serve the session; tried " + failures.map { failure in
+                "\(failure.host) (\((failure.error as? DBError)?.message ?? "\(failure.error)"))"
+            }.joined(separator: ", "),
+            connect: connect.label, host: hosts.joined(separator: ","), underlying: failures.last?.error
+        )
+    }
+
+    /// Leases a connection on `host` and begins a transaction on it.
+    nonisolated(nonsending) private func lease(on host: String) async throws -> DBLease<Engine> {
+        let engine: Engine
+        let connection: Engine.Connection
+        do {
+            engine = try await connect.engine(for: host)
+            connection = try await engine.leaseConnection()
+        } catch let error as DBError {
+            throw error
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            throw DBError(
+                .connectionFailed,
+                "could not lease a connection; check that the server is up and the credentials are right",
+                connect: connect.label, host: host, underlying: error
+            )
+        }
+        let lease = DBLease(engine, connection)
+        state.withLock {
+            $0.host = host
+            $0.phase = .connected(lease)
+        }
+        try await begin(lease)
+        state.withLock { $0.everLeased = true }
+        return lease
+    }
+}
