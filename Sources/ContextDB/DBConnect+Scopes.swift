@@ -84,10 +84,13 @@ extension DBConnect {
     ) async throws -> R {
         // In a transactional test even work outside the context stays in the test's savepoints.
         let session: DBSession<Engine>
-        if let pinned = DBContext.current?.pinnedSession(for: self) {
+        let context = DBContext.current
+        if let pinned = context?.pinnedSession(for: self) {
             session = pinned
         } else {
-            session = try await makeSession()
+            // Outside the context's map, but its commits still advance the request's
+            // read-your-own-writes position, so the request's later replica reads see them.
+            session = try await makeSession(for: context)
         }
         do {
             let result = try await body(session)

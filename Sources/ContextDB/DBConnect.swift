@@ -4,9 +4,10 @@ import Synchronization
 ///
 /// Nothing connects when a connect is made. The engine for a host is created on the first
 /// statement of the first session bound to that host, and reused after that. Before every
-/// session is created, the optional `beforeCreateSession` hook runs and may pick the host
-/// with ``changeHost(_:)``; the session stays bound to that host for its whole life, so
-/// concurrent requests never see a half-switched connect.
+/// session is created, an optional hook picks its host: `chooseHost` returns a ``DBHostChoice``
+/// (the topology's routing hooks are such), or — as in the Python original —
+/// `beforeCreateSession` calls ``changeHost(_:)``. The session stays bound to that host for its
+/// whole life, so concurrent requests never see a half-switched connect.
 ///
 /// ```swift
 /// let primary = DBConnect(label: "primary", host: "db1:5432") { host in
@@ -18,15 +19,20 @@ import Synchronization
 /// }                                               // committed and closed here
 /// ```
 public final class DBConnect<Engine: DatabaseEngine>: Sendable {
-    /// The hook that runs before each session is created; it may call ``changeHost(_:)``.
+    /// The hook that runs before each session is created; it may call ``changeHost(_:)``, as
+    /// `before_create_session_handler` does in the Python original.
     public typealias BeforeCreateSession = @Sendable (DBConnect<Engine>) async throws -> Void
+
+    /// The hook that picks the host of each session about to be created, and returns it.
+    public typealias ChooseHost = @Sendable (DBHostRequest<Engine>) async throws -> DBHostChoice
 
     /// A name for logs and errors, such as `"primary"` or `"replica"`.
     public let label: String
     /// How this connect's sessions open their transactions.
     public let options: DBSessionOptions
 
-    let beforeCreateSession: BeforeCreateSession?
+    /// The host hook: `chooseHost`, or `beforeCreateSession` wrapped to return its choice.
+    let chooseHost: ChooseHost?
     let makeEngine: @Sendable (String) async throws -> Engine
     let normalizeHost: (@Sendable (String) throws -> String)?
 
@@ -48,6 +54,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     ///   - host: The host to use when the hook chooses none. Optional when the hook always chooses.
     ///   - options: How sessions open transactions (read-only, isolation level).
     ///   - beforeCreateSession: Runs before every session creation; may call ``changeHost(_:)``.
+    ///   - chooseHost: Runs before every session creation and returns its host. Pass it or
+    ///     `beforeCreateSession`, not both.
     ///   - normalizeHost: The canonical spelling of a host, so that one server is one host for
     ///     engines and routing (`db1` and `db1:5432` are the same server); throws for a malformed
     ///     host. Engine modules pass it; `nil` (the default) keeps hosts as given.
@@ -57,12 +65,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         host: String? = nil,
         options: DBSessionOptions = DBSessionOptions(),
         beforeCreateSession: BeforeCreateSession? = nil,
+        chooseHost: ChooseHost? = nil,
         normalizeHost: (@Sendable (_ host: String) throws -> String)? = nil,
         engine: @escaping @Sendable (_ host: String) async throws -> Engine
     ) {
+        precondition(beforeCreateSession == nil || chooseHost == nil, "pass beforeCreateSession or chooseHost, not both")
         self.label = label
         self.options = options
-        self.beforeCreateSession = beforeCreateSession
+        self.chooseHost = chooseHost ?? beforeCreateSession.map(HostSelection.choosing(by:))
         self.normalizeHost = normalizeHost
         self.makeEngine = engine
         self.state = Mutex(State(host: host.map { host in (try? normalizeHost?(host)) ?? host }))
@@ -111,7 +121,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// Chooses the host for new sessions.
     ///
     /// Called from `beforeCreateSession`, it picks the host of the session being created, and
-    /// only that one: concurrent creations each keep their own choice. The chosen host also
+    /// only that one: concurrent creations each keep their own choice (it is the returned
+    /// ``DBHostChoice`` of a `chooseHost` hook, written the Python original's way). The chosen host also
     /// becomes the connect's default. Sessions already created keep their host. Unlike the Python
     /// original, switching does not dispose of the old host's engine: each host keeps its own,
     /// so switching back and forth costs nothing.
@@ -141,10 +152,9 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
             throw DBError(.emptyHost, "the host is empty; pass a host such as \"127.0.0.1:5432\"", connect: label)
         }
         let host = try canonical(host)
-        let fallbacks = try fallbacks.map(canonical)
         state.withLock { $0.host = host }
         if let selection = HostSelection.current, selection.connect == ObjectIdentifier(self) {
-            selection.choose([host] + fallbacks.filter { $0 != host }, onLeaseFailure: onLeaseFailure)
+            selection.choose(DBHostChoice(host, fallbacks: fallbacks, onLeaseFailure: onLeaseFailure))
         }
     }
 
@@ -160,6 +170,23 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
             guard case .ready(let engine) = state.engines[host] else { return nil }
             state.engines[host] = nil
             return engine
+        }
+    }
+
+    /// Takes the engines of every host but `host` out and drains them (see
+    /// ``DBHostChoice/retiresOtherHosts``).
+    private func retireEngines(keeping host: String) {
+        let retired = state.withLock { state -> [(String, Engine)] in
+            var retired: [(String, Engine)] = []
+            for (other, slot) in state.engines where other != host {
+                guard case .ready(let engine) = slot else { continue }
+                state.engines[other] = nil
+                retired.append((other, engine))
+            }
+            return retired
+        }
+        for (_, engine) in retired {
+            Task.detached { await engine.drainAndShutdown() }
         }
     }
 
@@ -218,22 +245,37 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     // MARK: - Sessions
 
-    /// Creates a session outside any context: runs the hook, binds the chosen host. Connects nothing.
-    nonisolated(nonsending) func makeSession() async throws -> DBSession<Engine> {
-        let selection = HostSelection(connect: ObjectIdentifier(self), host: host)
-        if let beforeCreateSession {
-            try await HostSelection.$current.withValue(selection) {
-                try await beforeCreateSession(self)
-            }
-        }
-        guard let hosts = selection.hosts else {
+    /// Creates a session for `context` (or none): asks the host hook, binds the chosen host.
+    /// Connects nothing.
+    nonisolated(nonsending) func makeSession(for context: DBContext?) async throws -> DBSession<Engine> {
+        let choice: DBHostChoice
+        if let chooseHost {
+            choice = try await chooseHost(DBHostRequest(connect: self, consistencyToken: context?.consistencyToken))
+        } else if let host {
+            choice = DBHostChoice(host)
+        } else {
             throw DBError(
                 .hostNotSet,
-                "no host is set; pass host: to DBConnect, call connect(host:), or choose one in beforeCreateSession with changeHost(_:)",
+                "no host is set; pass host: to DBConnect, call connect(host:), or choose one in the host hook (chooseHost, or beforeCreateSession with changeHost(_:))",
                 connect: label
             )
         }
-        return DBSession(connect: self, candidates: hosts, onLeaseFailure: selection.onLeaseFailure)
+        let hosts = try candidates(of: choice)
+        if choice.retiresOtherHosts { retireEngines(keeping: hosts[0]) }
+        return DBSession(connect: self, candidates: hosts, onLeaseFailure: choice.onLeaseFailure, consistency: context?.consistency)
+    }
+
+    /// The hosts a session tries, canonical and without repeats: the chosen one first.
+    private func candidates(of choice: DBHostChoice) throws -> [String] {
+        guard !choice.host.isEmpty, !choice.fallbacks.contains(where: \.isEmpty) else {
+            throw DBError(.emptyHost, "the host hook chose an empty host; choose one such as \"127.0.0.1:5432\"", connect: label)
+        }
+        var hosts = [try canonical(choice.host)]
+        for fallback in choice.fallbacks {
+            let fallback = try canonical(fallback)
+            if !hosts.contains(fallback) { hosts.append(fallback) }
+        }
+        return hosts
     }
 
     /// The current context's session for this connect, created on first call.
@@ -254,8 +296,9 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// Creates the context's session (``session()`` found none).
     @usableFromInline
     nonisolated(nonsending) func createSession() async throws -> DBSession<Engine> {
-        let created = try await makeSession()
-        return try requireContext().insert(created, for: self)
+        let context = try requireContext()
+        let created = try await makeSession(for: context)
+        return try context.insert(created, for: self)
     }
 
     /// The current context's live session for this connect, if it has one.
@@ -277,28 +320,38 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     }
 }
 
-/// The host chosen by one run of `beforeCreateSession`, visible to ``DBConnect/changeHost(_:)``
-/// through a task-local, so concurrent session creations never share a choice.
+/// The host chosen by one run of a `beforeCreateSession` hook, visible to
+/// ``DBConnect/changeHost(_:)`` through a task-local, so concurrent session creations never share
+/// a choice: the thin layer that turns the Python original's hook into a `ChooseHost`.
 final class HostSelection: Sendable {
     @TaskLocal static var current: HostSelection?
 
-    struct Choice: Sendable {
-        var hosts: [String]?
-        var onLeaseFailure: (@Sendable (String, DBError) -> Void)?
-    }
-
     let connect: ObjectIdentifier
-    private let chosen: Mutex<Choice>
+    private let chosen = Mutex<DBHostChoice?>(nil)
 
-    init(connect: ObjectIdentifier, host: String?) {
+    init(connect: ObjectIdentifier) {
         self.connect = connect
-        self.chosen = Mutex(Choice(hosts: host.map { [$0] }))
     }
 
-    var hosts: [String]? { chosen.withLock { $0.hosts } }
-    var onLeaseFailure: (@Sendable (String, DBError) -> Void)? { chosen.withLock { $0.onLeaseFailure } }
+    func choose(_ choice: DBHostChoice) {
+        chosen.withLock { $0 = choice }
+    }
 
-    func choose(_ hosts: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)?) {
-        chosen.withLock { $0 = Choice(hosts: hosts, onLeaseFailure: onLeaseFailure) }
+    /// A `ChooseHost` that runs `hook` and returns what it chose with `changeHost`, or the
+    /// connect's default host.
+    static func choosing<Engine>(by hook: @escaping DBConnect<Engine>.BeforeCreateSession) -> DBConnect<Engine>.ChooseHost {
+        { request in
+            let selection = HostSelection(connect: ObjectIdentifier(request.connect))
+            try await $current.withValue(selection) { try await hook(request.connect) }
+            if let choice = selection.chosen.withLock({ $0 }) { return choice }
+            guard let host = request.connect.host else {
+                throw DBError(
+                    .hostNotSet,
+                    "no host is set; pass host: to DBConnect, call connect(host:), or choose one in beforeCreateSession with changeHost(_:)",
+                    connect: request.connect.label
+                )
+            }
+            return DBHostChoice(host)
+        }
     }
 }

@@ -59,7 +59,8 @@ public func withDBRequest<R>(
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> R
 ) async throws -> R {
-    if let active = DBContext.current {
+    let active = DBContext.current
+    if let active {
         switch ifActive {
         case .newContext: break
         // A transactional test pins savepoint sessions: nest, so the request's end is played
@@ -73,7 +74,7 @@ public func withDBRequest<R>(
             )
         }
     }
-    let context = DBContext()
+    let context = DBContext(nestedIn: active)
     context.consistencyToken = consistencyToken
     var result: R
     do {

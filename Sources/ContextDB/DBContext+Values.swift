@@ -22,15 +22,32 @@ extension DBContext {
     /// commits; replica routing reads it; the middleware takes it from the request and returns
     /// it to the client. Opaque to the core.
     public var consistencyToken: String? {
-        get { state.withLock { $0.consistencyToken } }
-        set { state.withLock { $0.consistencyToken = newValue } }
+        get { consistency.token }
+        set { consistency.update { _ in newValue } }
     }
 
     /// Changes ``consistencyToken`` atomically, so concurrent commits in one request keep the
     /// newest position.
     /// - Parameter update: Given the current token, returns the new one.
     public func updateConsistencyToken(_ update: (String?) -> String?) {
-        state.withLock { $0.consistencyToken = update($0.consistencyToken) }
+        consistency.update(update)
+    }
+}
+
+/// A context's read-your-own-writes position, shared with the sessions made for the context:
+/// a session reports each commit's position here, never to whatever context is current.
+final class DBConsistencyRecord: Sendable {
+    private let value = Mutex<String?>(nil)
+
+    var token: String? { value.withLock { $0 } }
+
+    func update(_ change: (String?) -> String?) {
+        value.withLock { $0 = change($0) }
+    }
+
+    /// Records a commit's position, keeping the later of it and the current one.
+    func advance(to token: String, latest: (String?, String) -> String) {
+        value.withLock { $0 = latest($0, token) }
     }
 }
 

@@ -28,19 +28,25 @@ public final class DBContext: Sendable {
         var entries: [Entry] = []
         var finished = false
         var values: [ObjectIdentifier: any Sendable] = [:]
-        var consistencyToken: String?
         /// Sessions pinned by `DBSession.withSavepointSessions`, inherited by nested contexts.
         var pinned: [ObjectIdentifier: Entry] = [:]
     }
 
     let state: Mutex<State>
+    /// The read-your-own-writes position (``consistencyToken``), shared with this context's sessions.
+    let consistency = DBConsistencyRecord()
 
     /// Creates an empty context. Nothing is connected until a session runs a statement.
     ///
     /// Install it with ``run(isolation:_:)``; end it with ``finish(statusCode:beforeCommit:)``
     /// or ``commitAll(beforeCommit:)`` / ``rollbackAll()``, then ``end()``.
-    public init() {
-        state = Mutex(State(pinned: DBContext.current?.state.withLock { $0.pinned } ?? [:]))
+    public convenience init() {
+        self.init(nestedIn: nil)
+    }
+
+    /// A context nested in `parent`: it inherits the sessions a transactional test pinned there.
+    package init(nestedIn parent: DBContext?) {
+        state = Mutex(State(pinned: parent?.state.withLock { $0.pinned } ?? [:]))
     }
 
     /// Runs `body` with this context as ``current``.

@@ -29,7 +29,8 @@ extension DBSession {
         case .inTransaction(let lease, let savepoint):
             let lease = Self.lease(lease)
             do {
-                try await lease.engine.execute(mode.commit(savepoint: savepoint), on: lease.connection)
+                let result = try await lease.engine.execute(mode.commit(savepoint: savepoint), on: lease.connection)
+                if let token = result.consistencyToken { consistency?.advance(to: token, latest: Engine.latestConsistencyToken) }
                 endTransaction()
                 await leave()
             } catch let error as DBError where error.code == .commitFailed {
@@ -136,7 +137,7 @@ extension DBSession {
         }
         var reusable = true
         if inTransaction {
-            do { try await lease.engine.execute(.rollback, on: lease.connection) } catch { reusable = false }
+            do { _ = try await lease.engine.execute(.rollback, on: lease.connection) } catch { reusable = false }
         }
         await lease.engine.releaseConnection(lease.connection, reusable: reusable)
     }
@@ -149,7 +150,7 @@ extension DBSession {
     /// Runs the mode's rollback statements.
     nonisolated(nonsending) private func runRollback(_ lease: DBLease<Engine>, savepoint: String?) async throws {
         for statement in mode.rollback(savepoint: savepoint) {
-            try await lease.engine.execute(statement, on: lease.connection)
+            _ = try await lease.engine.execute(statement, on: lease.connection)
         }
     }
 

@@ -115,7 +115,7 @@ extension DBSession {
     nonisolated(nonsending) func begin(_ lease: DBLease<Engine>) async throws {
         let (statement, savepoint) = mode.begin(connect.options)
         do {
-            try await lease.engine.execute(statement, on: lease.connection)
+            _ = try await lease.engine.execute(statement, on: lease.connection)
             state.withLock { $0.phase = .inTransaction(lease, savepoint: savepoint) }
         } catch {
             guard mode.ownsConnection else { throw error }  // the borrowed connection is not ours to close

@@ -28,9 +28,9 @@ extension DBSession {
         try await withConnection { connection in
             let engine = state.withLock { $0.phase.lease.map(Self.lease) }!.engine
             let shared = DBSharedConnection(engine: engine, connection: connection, host: host)
-            let context = DBContext()
+            let context = DBContext(nestedIn: DBContext.current)
             for connect in connects {
-                context.pin(DBSession(connect: connect, shared: shared), for: connect)
+                context.pin(DBSession(connect: connect, shared: shared, consistency: context.consistency), for: connect)
             }
             do {
                 let result = try await context.run(body)

@@ -41,6 +41,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     let onLeaseFailure: (@Sendable (String, DBError) -> Void)?
     /// Pooled, or a savepoint session on a connection a transactional test lends.
     let mode: DBSessionMode<Engine>
+    /// Where the positions of this session's commits go: the read-your-own-writes record of
+    /// the context it was made for, if any.
+    let consistency: DBConsistencyRecord?
 
     typealias State = DBSessionState
 
@@ -48,9 +51,13 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Whether the session closed, readable without knowing `Engine` (the context's lookup).
     let liveness = DBSessionLiveness()
 
-    init(connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil) {
+    init(
+        connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil,
+        consistency: DBConsistencyRecord? = nil
+    ) {
         precondition(!candidates.isEmpty, "a session needs a host")
         self.connect = connect
+        self.consistency = consistency
         self.candidates = candidates
         self.onLeaseFailure = onLeaseFailure
         self.mode = .pooled
@@ -58,9 +65,10 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     }
 
     /// A savepoint session on `shared`'s connection (see ``withSavepointSessions(for:isolation:_:)``).
-    init(connect: DBConnect<Engine>, shared: DBSharedConnection<Engine>) {
+    init(connect: DBConnect<Engine>, shared: DBSharedConnection<Engine>, consistency: DBConsistencyRecord?) {
         let lease = DBLease(shared.engine, shared.connection)
         self.connect = connect
+        self.consistency = consistency
         self.candidates = [shared.host]
         self.onLeaseFailure = nil
         self.mode = .savepoint(shared, lease: lease)

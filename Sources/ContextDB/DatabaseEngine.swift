@@ -26,6 +26,9 @@ public protocol DatabaseEngine: Sendable {
     /// - Parameters:
     ///   - statement: The statement to run.
     ///   - connection: A leased connection.
+    /// - Returns: What the statement reported: for a `COMMIT` of a transaction that wrote, the
+    ///   engine's read-your-own-writes position, when it tracks one; ``DBControlResult/none``
+    ///   otherwise. The session passes it to its context; the engine never writes it anywhere.
     /// - Throws: For ``DBControlStatement/commit``, a ``DBError`` with code
     ///   ``DBError/Code/commitFailed`` when the server ended the transaction without committing
     ///   it (PostgreSQL answers `COMMIT` of an aborted transaction with the tag `ROLLBACK`): the
@@ -34,7 +37,16 @@ public protocol DatabaseEngine: Sendable {
     ///   ``DBError`` with code ``DBError/Code/connectionLost`` when the server closed the
     ///   connection (the session then discards it, and retries a failed `BEGIN` on a new
     ///   connection: nothing ran in it). Any other error for a statement that failed.
-    func execute(_ statement: DBControlStatement, on connection: Connection) async throws
+    func execute(_ statement: DBControlStatement, on connection: Connection) async throws -> DBControlResult
+
+    /// The later of two read-your-own-writes positions of this engine (see
+    /// ``DBControlResult/consistencyToken``), so that concurrent commits in one request keep the
+    /// newest. The default (in an extension) answers `new`.
+    /// - Parameters:
+    ///   - current: The context's position, if it has one.
+    ///   - new: The position a commit just reported.
+    /// - Returns: The position the context keeps.
+    static func latestConsistencyToken(_ current: String?, _ new: String) -> String
 
     /// Whether a leased connection can still run statements: `false` once the server closed it
     /// or the engine gave up on it (a statement past its deadline, say). After a failure the
@@ -46,6 +58,29 @@ public protocol DatabaseEngine: Sendable {
 
     /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
     func shutdown() async
+
+    /// Stops new leases, waits until every leased connection is given back, then shuts down —
+    /// for an engine its connect retired (a demoted primary). The default (in an extension)
+    /// calls ``shutdown()``.
+    func drainAndShutdown() async
+}
+
+/// What an engine reports about a control statement it ran (see
+/// ``DatabaseEngine/execute(_:on:)``).
+public struct DBControlResult: Sendable, Hashable {
+    /// For a `COMMIT` of a transaction that wrote: the position a replica must have replayed to
+    /// see it (for PostgreSQL, the WAL LSN, such as `"0/3000060"`). `nil` for every other
+    /// statement, and when the engine does not track positions.
+    public var consistencyToken: String?
+
+    /// A result that reports nothing: what every statement but a tracked `COMMIT` returns.
+    public static let none = DBControlResult()
+
+    /// Creates a result.
+    /// - Parameter consistencyToken: The committed transaction's position, if the engine tracks it.
+    public init(consistencyToken: String? = nil) {
+        self.consistencyToken = consistencyToken
+    }
 }
 
 /// A transaction control statement a session asks its engine to run. The engine writes it in
@@ -98,4 +133,10 @@ public enum DBIsolationLevel: String, Sendable, Hashable, CaseIterable {
 extension DatabaseEngine {
     /// Answers `true`: an engine that cannot tell a dead connection keeps the session's.
     public func isConnectionUsable(_ connection: Connection) -> Bool { true }
+
+    /// Calls ``shutdown()``.
+    public func drainAndShutdown() async { await shutdown() }
+
+    /// Answers `new`: the position of the latest commit.
+    public static func latestConsistencyToken(_ current: String?, _ new: String) -> String { new }
 }

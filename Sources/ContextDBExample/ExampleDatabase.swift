@@ -52,13 +52,13 @@ struct ExampleDatabase: Sendable {
         primary = try DBConnect(
             label: "primary", url: url, maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
             statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, readYourWrites: readYourWrites,
-            logger: logger, beforeCreateSession: topology.primaryHook()
+            logger: logger, chooseHost: topology.primaryHook()
         )
         replica = try DBConnect(
             label: "replica", url: url, options: DBSessionOptions(readOnly: true),
             maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
             statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, logger: logger,
-            beforeCreateSession: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
+            chooseHost: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
         )
     }
 

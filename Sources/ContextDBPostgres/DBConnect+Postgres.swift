@@ -30,7 +30,10 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - readYourWrites: Record the WAL position of each committed write in the request
     ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
-    ///   - beforeCreateSession: Runs before each session is created; may choose the host.
+    ///   - beforeCreateSession: Runs before each session is created; may choose the host with
+    ///     `DBConnect.changeHost(_:)` (the Python original's way).
+    ///   - chooseHost: Runs before each session is created and returns its host, such as
+    ///     ``PostgresTopology/primaryHook()``. Pass it or `beforeCreateSession`, not both.
     /// - Throws: `DBError.Code.invalidConfiguration` or `DBError.Code.emptyHost` for a bad URI.
     public convenience init(
         label: String = "default",
@@ -43,7 +46,8 @@ extension DBConnect where Engine == PostgresEngine {
         statementCacheSize: Int = 100,
         readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
-        beforeCreateSession: BeforeCreateSession? = nil
+        beforeCreateSession: BeforeCreateSession? = nil,
+        chooseHost: ChooseHost? = nil
     ) throws {
         let parsed: PostgresURL
         do {
@@ -55,7 +59,7 @@ extension DBConnect where Engine == PostgresEngine {
         let defaultPort = parsed.endpoints[0].port
         self.init(
             label: label, host: parsed.endpoints[0].description, options: options,
-            beforeCreateSession: beforeCreateSession,
+            beforeCreateSession: beforeCreateSession, chooseHost: chooseHost,
             normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: defaultPort).description }
         ) { host in
             try PostgresEngine(
@@ -84,7 +88,10 @@ extension DBConnect where Engine == PostgresEngine {
     ///   - statementCacheSize: How many statements each connection prepares and reuses (see
     ///     ``PostgresEngine/statementCacheSize``); `0` behind a pooler in transaction mode. Default 100.
     ///   - logger: Where engines log.
-    ///   - beforeCreateSession: Runs before each session is created; may choose the host.
+    ///   - beforeCreateSession: Runs before each session is created; may choose the host with
+    ///     `DBConnect.changeHost(_:)` (the Python original's way).
+    ///   - chooseHost: Runs before each session is created and returns its host, such as
+    ///     ``PostgresTopology/primaryHook()``. Pass it or `beforeCreateSession`, not both.
     public convenience init(
         label: String = "default",
         configuration: PostgresClient.Configuration,
@@ -94,11 +101,12 @@ extension DBConnect where Engine == PostgresEngine {
         resetsSessionState: Bool = true,
         statementCacheSize: Int = 100,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
-        beforeCreateSession: BeforeCreateSession? = nil
+        beforeCreateSession: BeforeCreateSession? = nil,
+        chooseHost: ChooseHost? = nil
     ) {
         let base = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
         self.init(
-            label: label, host: base.description, options: options, beforeCreateSession: beforeCreateSession,
+            label: label, host: base.description, options: options, beforeCreateSession: beforeCreateSession, chooseHost: chooseHost,
             normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: base.port).description }
         ) { host in
             let endpoint = try PostgresEndpoint(parsing: host, defaultPort: base.port)

@@ -221,10 +221,11 @@ public final class PostgresEngine: DatabaseEngine {
     ///   with the tag `ROLLBACK` (it rolled back an aborted transaction); when the connection is
     ///   lost while `COMMIT` runs, `DBError.Code.commitOutcomeUnknown`. See
     ///   ``query(_:on:logger:)`` for the rest.
-    public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws {
+    @discardableResult
+    public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws -> DBControlResult {
         guard statement == .commit else {
             _ = try await query(PostgresQuery(unsafeSQL: statement.postgresSQL), on: connection, logger: logger)
-            return
+            return .none
         }
         let wrote = capturesCommitLSN
             ? try await query(Self.wroteQuery, on: connection, logger: logger).first?.decode(Bool.self) ?? false
@@ -246,17 +247,28 @@ public final class PostgresEngine: DatabaseEngine {
                 host: endpoint.description
             )
         }
-        guard wrote else { return }
+        guard wrote else { return .none }
         // After COMMIT: the commit record is before this position, so a replica that replayed
         // up to it sees the transaction.
         do {
             let text = try await query(Self.positionQuery, on: connection, logger: logger).first?.decode(String.self)
-            if let text, let position = PostgresLSN(text) {
-                DBContext.current?.advanceConsistencyToken(to: position)
-            }
+            guard let text, let position = PostgresLSN(text) else { return .none }
+            return DBControlResult(consistencyToken: position.description)
         } catch {
             logger.warning("committed, but could not read the WAL position for read-your-own-writes", metadata: ["error": "\(String(reflecting: error))"])
+            return .none
         }
+    }
+
+    /// The later of two WAL positions (`"0/3000060"`); a token that is not a position loses.
+    /// - Parameters:
+    ///   - current: The context's position, if any.
+    ///   - new: The position a commit reported.
+    /// - Returns: The later position.
+    public static func latestConsistencyToken(_ current: String?, _ new: String) -> String {
+        guard let current, let old = PostgresLSN(current) else { return new }
+        guard let position = PostgresLSN(new) else { return current }
+        return max(old, position).description
     }
 
     /// Runs one statement on a connection this engine leased and collects its rows, bounded by

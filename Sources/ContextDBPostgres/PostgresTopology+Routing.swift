@@ -13,18 +13,19 @@ public enum DBReplicaPolicy: Sendable, Hashable {
 }
 
 extension PostgresTopology {
-    /// A `beforeCreateSession` hook that binds sessions to the current primary.
+    /// A `chooseHost` hook that binds sessions to the current primary.
     ///
     /// It follows promotion: after a failover the new primary is used as soon as a probe has
     /// seen it (within ``Configuration/probeInterval`` plus one probe), without a restart, and
     /// the engines of hosts that stopped being the primary are drained — closed once their
-    /// sessions have given their connections back. Right after start-up, before every host has
+    /// sessions have given their connections back (``DBHostChoice/retiresOtherHosts``). Right after start-up, before every host has
     /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
     /// A session it cannot route fails with `DBError.Code.noHostAvailable`, logged
     /// at warning level.
-    /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
-    public func primaryHook() -> DBConnect<PostgresEngine>.BeforeCreateSession {
-        { [self] connect in
+    /// - Returns: The hook, for `DBConnect(chooseHost:)`.
+    public func primaryHook() -> DBConnect<PostgresEngine>.ChooseHost {
+        { [self] request in
+            let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
             let snapshot = self.snapshot
             guard let primary = snapshot.primary else {
@@ -37,23 +38,17 @@ extension PostgresTopology {
                 throw error
             }
             let host = primary.endpoint.description
-            for former in connect.engineHosts where former != host {
-                if let engine = connect.removeEngine(for: former) {
-                    logger.info("draining the engine of a former primary", metadata: ["db.host": "\(former)", "db.primary": "\(host)"])
-                    Task.detached { await engine.drainAndShutdown() }
-                }
-            }
-            try connect.changeHost(host, fallbacks: [], onLeaseFailure: markSuspect)
             logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
+            return DBHostChoice(host, retiresOtherHosts: true, onLeaseFailure: markSuspect)
         }
     }
 
-    /// A `beforeCreateSession` hook that binds sessions to a replica.
+    /// A `chooseHost` hook that binds sessions to a replica.
     ///
     /// A replica is fit when it is healthy, its WAL receiver is streaming (a replica that lost
     /// its primary serves no token-less read), it lags at most `maximumLagBytes` and `maximumLag`
     /// (see ``PostgresTopology/HostStatus/unfitReason(maximumLagBytes:maximumLag:)``), and — when
-    /// the request carries a read-your-own-writes position (`DBContext.consistencyToken`)
+    /// the request carries a read-your-own-writes position (``DBHostRequest/consistencyToken``)
     /// — has replayed up to it. When no replica is fit for that position, the hook re-probes the
     /// replicas for up to `readYourWritesWait`; then it uses the primary. The fit replicas,
     /// ordered by `policy`, then the primary (with `fallbackToPrimary`) are the session's
@@ -73,17 +68,18 @@ extension PostgresTopology {
     /// Like ``primaryHook()``, it waits for the first probe round right after start-up, and a
     /// session it cannot route fails with `DBError.Code.noHostAvailable`, logged at
     /// warning level.
-    /// - Returns: The hook, for `DBConnect(beforeCreateSession:)`.
+    /// - Returns: The hook, for `DBConnect(chooseHost:)`.
     public func replicaHook(
         policy: DBReplicaPolicy = .roundRobin,
         maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
         maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         fallbackToPrimary: Bool = true,
         readYourWritesWait: Duration = .milliseconds(500)
-    ) -> DBConnect<PostgresEngine>.BeforeCreateSession {
-        { [self] connect in
+    ) -> DBConnect<PostgresEngine>.ChooseHost {
+        { [self] request in
+            let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
-            let position = DBContext.current?.walPosition
+            let position = request.consistencyToken.flatMap(PostgresLSN.init)
             var snapshot = self.snapshot
             var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
             let clock = ContinuousClock()
@@ -121,7 +117,6 @@ extension PostgresTopology {
                 logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "reason": "\(error.message)"])
                 throw error
             }
-            try connect.changeHost(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: markSuspect)
             logger.debug(
                 "routing decision",
                 metadata: [
@@ -129,6 +124,7 @@ extension PostgresTopology {
                     "waited": "\(waited)", "db.fallbacks": "\(hosts.dropFirst().joined(separator: ","))",
                 ]
             )
+            return DBHostChoice(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: markSuspect)
         }
     }
 

@@ -19,7 +19,7 @@ public func withTestDBContext<R>(
     if commits {
         return try await withDBContext(ifActive: .newContext, body)
     }
-    let context = DBContext()
+    let context = DBContext(nestedIn: DBContext.current)
     do {
         let result = try await context.run(body)
         await context.rollbackAll()

@@ -34,9 +34,9 @@ enum ReadmeSnippets {
         let url = "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
         let topology = try PostgresTopology(url: url)      // probes every host once it runs: a service
         let primary = try DBConnect(label: "primary", url: url, readYourWrites: true,
-                                    beforeCreateSession: topology.primaryHook())
+                                    chooseHost: topology.primaryHook())
         let replica = try DBConnect(label: "replica", url: url, options: DBSessionOptions(readOnly: true),
-                                    beforeCreateSession: topology.replicaHook(policy: .leastLag))
+                                    chooseHost: topology.replicaHook(policy: .leastLag))
         return (primary, replica, url)
     }
 

@@ -33,7 +33,7 @@ struct ClusterFaultTests {
                 )
                 let replica = try DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
-                    statementTimeout: .milliseconds(500), beforeCreateSession: topology.replicaHook()
+                    statementTimeout: .milliseconds(500), chooseHost: topology.replicaHook()
                 )
                 func read(_ connect: DBConnect<PostgresEngine>) async throws -> Int {
                     try await withDBContext {
@@ -87,10 +87,10 @@ struct ClusterFaultTests {
     @Test func aReplicaThatLostItsPrimaryServesNoTokenlessRead() async throws {
         try await ScratchCluster.with(primaryPort: 27472, replicas: 2) { cluster in
             try await withDefaultTopology(url: cluster.url) { topology in
-                let primary = try DBConnect(label: "primary", url: cluster.url, beforeCreateSession: topology.primaryHook())
+                let primary = try DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook())
                 let replica = try DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
-                    beforeCreateSession: topology.replicaHook()
+                    chooseHost: topology.replicaHook()
                 )
                 try await withDBContext { try await primary.session().execute("CREATE TABLE items (text text)") }
                 try await eventually("both replicas stream and caught up") {

@@ -21,10 +21,10 @@ struct RoutingTests {
     /// probe round instead of failing with an empty 500.
     @Test func aSessionRightAfterStartUpWaitsForTheFirstProbeRound() async throws {
         let topology = try PostgresTopology(url: Self.clusterURL)
-        let primary = try DBConnect(label: "primary", url: Self.clusterURL, beforeCreateSession: topology.primaryHook())
+        let primary = try DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook())
         let replica = try DBConnect(
             label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
-            beforeCreateSession: topology.replicaHook(fallbackToPrimary: false)
+            chooseHost: topology.replicaHook(fallbackToPrimary: false)
         )
         let service = Task { try await topology.run() }
         defer { service.cancel() }
@@ -43,7 +43,7 @@ struct RoutingTests {
         var configuration = PostgresTopology.Configuration()
         configuration.probeTimeout = .milliseconds(300)
         let topology = try PostgresTopology(url: Self.clusterURL, configuration: configuration)
-        let primary = try DBConnect(label: "primary", url: Self.clusterURL, beforeCreateSession: topology.primaryHook())
+        let primary = try DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook())
         let error = await expectDBError(.noHostAvailable) {
             try await withDBContext { _ = try await primary.session() }
         }
@@ -65,7 +65,7 @@ struct RoutingTests {
         try await withTopology(url: Self.clusterURL) { topology in
             let replica = try DBConnect(
                 label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
-                beforeCreateSession: topology.replicaHook(policy: policy, fallbackToPrimary: false)
+                chooseHost: topology.replicaHook(policy: policy, fallbackToPrimary: false)
             )
             var served: [String: Int] = [:]
             for _ in 0..<40 {
@@ -104,11 +104,11 @@ struct RoutingTests {
     @Test func aWriteIsReadBackFromAReplicaInTheSameRequest() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
             let primary = try DBConnect(
-                label: "primary", url: Self.clusterURL, readYourWrites: true, beforeCreateSession: topology.primaryHook()
+                label: "primary", url: Self.clusterURL, readYourWrites: true, chooseHost: topology.primaryHook()
             )
             let replica = try DBConnect(
                 label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
-                beforeCreateSession: topology.replicaHook()
+                chooseHost: topology.replicaHook()
             )
             let table = "ryow_\(UInt32.random(in: 0...UInt32.max))"
             try await primary.withTransaction { try await $0.execute("CREATE TABLE \(unescaped: table) (id int)") }
@@ -138,7 +138,7 @@ struct FailoverTests {
             try await withTopology(url: cluster.url) { topology in
                 let replica = try DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
-                    beforeCreateSession: topology.replicaHook()
+                    chooseHost: topology.replicaHook()
                 )
                 func read() async throws -> Int {
                     try await withDBContext {
@@ -175,7 +175,7 @@ struct FailoverTests {
         try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
                 let primary = try DBConnect(
-                    label: "primary", url: cluster.url, beforeCreateSession: topology.primaryHook()
+                    label: "primary", url: cluster.url, chooseHost: topology.primaryHook()
                 )
                 try await withDBContext {
                     try await primary.session().execute("CREATE TABLE promoted (at int)")
@@ -210,12 +210,12 @@ struct FailoverTests {
         try await ScratchCluster.with(primaryPort: 27452, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
                 let primary = try DBConnect(
-                    label: "primary", url: cluster.url, readYourWrites: true, beforeCreateSession: topology.primaryHook()
+                    label: "primary", url: cluster.url, readYourWrites: true, chooseHost: topology.primaryHook()
                 )
                 func replicaConnect(maximumLagBytes: UInt64?) throws -> DBConnect<PostgresEngine> {
                     try DBConnect(
                         label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
-                        beforeCreateSession: topology.replicaHook(
+                        chooseHost: topology.replicaHook(
                             maximumLagBytes: maximumLagBytes, readYourWritesWait: .milliseconds(300)
                         )
                     )

@@ -24,6 +24,8 @@ final class FakeDatabase: Sendable {
         var closedByServer: Set<Int> = []
         /// The next COMMIT commits, then its answer is lost with the connection.
         var losesNextCommitAnswer = false
+        /// How many COMMITs saved rows: the "position" a commit that wrote reports.
+        var commitPosition = 0
         var gates: [Int: CheckedContinuation<Void, Never>] = [:]
         var waitingForGate: [CheckedContinuation<Void, Never>] = []
     }
@@ -69,7 +71,9 @@ final class FakeDatabase: Sendable {
         return FakeEngine(host: host, database: self)
     }
 
-    func run(_ sql: String, on connection: FakeEngine.Connection) async throws {
+    /// Runs `sql`; for a `COMMIT` that saved rows, returns its position (`"1"`, `"2"`, …).
+    @discardableResult
+    func run(_ sql: String, on connection: FakeEngine.Connection) async throws -> String? {
         if sql == "WAIT" {
             // Parks until `openGate()`: lets a test hold a statement in flight.
             await withCheckedContinuation { continuation in
@@ -80,7 +84,7 @@ final class FakeDatabase: Sendable {
                 waiter?.resume()
             }
         }
-        try state.withLock { state in
+        return try state.withLock { state -> String? in
             let id = connection.id
             if state.closedByServer.contains(id) {
                 state.log.append("c\(id): \(sql) (lost)")
@@ -104,11 +108,16 @@ final class FakeDatabase: Sendable {
                     state.pendingRows[id] = nil
                     throw DBError(.commitFailed, "the server rolled the transaction back", host: connection.host)
                 }
-                state.committedRows += state.pendingRows.removeValue(forKey: id) ?? 0
+                let rows = state.pendingRows.removeValue(forKey: id) ?? 0
+                state.committedRows += rows
                 if state.losesNextCommitAnswer {
                     state.losesNextCommitAnswer = false
                     state.closedByServer.insert(id)
                     throw DBError(.commitOutcomeUnknown, "COMMIT was sent, but its answer was lost", host: connection.host)
+                }
+                if rows > 0 {
+                    state.commitPosition += 1
+                    return "\(state.commitPosition)"
                 }
             case "ROLLBACK":
                 state.pendingRows[id] = nil
@@ -117,6 +126,7 @@ final class FakeDatabase: Sendable {
             case _ where recovers: state.aborted.remove(id)
             default: break
             }
+            return nil
         }
     }
 
@@ -176,8 +186,14 @@ struct FakeEngine: DatabaseEngine {
         }
     }
 
-    func execute(_ statement: DBControlStatement, on connection: Connection) async throws {
-        try await database.run(statement.fakeSQL, on: connection)
+    func execute(_ statement: DBControlStatement, on connection: Connection) async throws -> DBControlResult {
+        DBControlResult(consistencyToken: try await database.run(statement.fakeSQL, on: connection))
+    }
+
+    /// Positions are commit counts: the larger is the later.
+    static func latestConsistencyToken(_ current: String?, _ new: String) -> String {
+        guard let current, let old = Int(current), let position = Int(new) else { return new }
+        return String(max(old, position))
     }
 
     func isConnectionUsable(_ connection: Connection) -> Bool {
@@ -193,7 +209,7 @@ extension DBSession where Engine == FakeEngine {
     /// Runs a fake statement: `INSERT` adds a pending row, `WAIT` parks until the gate opens.
     func execute(_ sql: String) async throws {
         try await withConnection { connection in
-            try await connection.database.run(sql, on: connection)
+            _ = try await connection.database.run(sql, on: connection)
         }
     }
 }
@@ -205,9 +221,10 @@ extension DBConnect where Engine == FakeEngine {
         host: String? = "db1",
         options: DBSessionOptions = DBSessionOptions(),
         database: FakeDatabase = FakeDatabase(),
-        beforeCreateSession: BeforeCreateSession? = nil
+        beforeCreateSession: BeforeCreateSession? = nil,
+        chooseHost: ChooseHost? = nil
     ) -> DBConnect<FakeEngine> {
-        DBConnect(label: label, host: host, options: options, beforeCreateSession: beforeCreateSession) { host in
+        DBConnect(label: label, host: host, options: options, beforeCreateSession: beforeCreateSession, chooseHost: chooseHost) { host in
             try database.makeEngine(host: host)
         }
     }
