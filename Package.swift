@@ -30,6 +30,9 @@ let package = Package(
     targets: [
         .target(
             name: "ContextDB",
+            dependencies: [
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .target(
@@ -53,7 +56,10 @@ let package = Package(
         ),
         .target(
             name: "ContextDBTesting",
-            dependencies: ["ContextDB"],
+            dependencies: [
+                "ContextDB",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: swiftSettings
         ),
         .executableTarget(
@@ -69,7 +75,10 @@ let package = Package(
         ),
         .target(
             name: "TestSupport",
-            dependencies: ["ContextDB"],
+            dependencies: [
+                "ContextDB",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             path: "Tests/TestSupport",
             swiftSettings: swiftSettings
         ),
@@ -80,7 +89,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ContextDBPostgresTests",
-            dependencies: ["ContextDBPostgres", "TestSupport"],
+            dependencies: ["ContextDBPostgres", "ContextDBTesting", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(
@@ -93,6 +102,7 @@ let package = Package(
                 "TestSupport",
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "HummingbirdTesting", package: "hummingbird"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -44,9 +44,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     struct State: Sendable {
         var host: String?
         var engines: [String: EngineSlot] = [:]
+        /// Whether ``run()`` took the jobs: it runs, or ran.
+        var runStarted = false
     }
 
     let state: Mutex<State>
+    /// The engines' background work, for ``run()``: buffered until it starts.
+    let jobs: AsyncStream<EngineJob>
+    let jobQueue: AsyncStream<EngineJob>.Continuation
 
     /// Declares a database. Nothing connects until a session runs its first statement.
     /// - Parameters:
@@ -76,6 +81,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         self.normalizeHost = normalizeHost
         self.makeEngine = engine
         self.state = Mutex(State(host: host.map { host in (try? normalizeHost?(host)) ?? host }))
+        (jobs, jobQueue) = AsyncStream.makeStream()
     }
 
     /// The canonical spelling of `host` (see `init`'s `normalizeHost`).
@@ -186,7 +192,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
             return retired
         }
         for (_, engine) in retired {
-            Task.detached { await engine.drainAndShutdown() }
+            jobQueue.yield(.drain(engine))
         }
     }
 
@@ -222,11 +228,12 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         }
         do {
             let engine = try await task.value
-            state.withLock { state in
-                if case .creating(let current) = state.engines[host], current == task {
-                    state.engines[host] = .ready(engine)
-                }
+            let created = state.withLock { state in
+                guard case .creating(let current) = state.engines[host], current == task else { return false }
+                state.engines[host] = .ready(engine)
+                return true
             }
+            if created { jobQueue.yield(.run(engine)) }
             return engine
         } catch {
             state.withLock { state in

@@ -24,6 +24,7 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
             case connectionLost
             case statementTimeout
             case commitOutcomeUnknown
+            case notRunning
         }
 
         let base: Base
@@ -36,7 +37,7 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         public static let contextFinished = Code(base: .contextFinished)
         /// An empty host name was given to `connect(host:)`, `changeHost(_:)` or a configuration.
         public static let emptyHost = Code(base: .emptyHost)
-        /// A session was needed but no host is set and the `beforeCreateSession` hook chose none.
+        /// A session was needed but no host is set and the host hook chose none.
         public static let hostNotSet = Code(base: .hostNotSet)
         /// `atomic(.fail)` found a transaction already open.
         public static let transactionAlreadyOpen = Code(base: .transactionAlreadyOpen)
@@ -69,6 +70,9 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         /// `COMMIT` was sent, but the connection was lost before its answer arrived: the
         /// transaction may or may not have committed. Never retried; check before retrying.
         public static let commitOutcomeUnknown = Code(base: .commitOutcomeUnknown)
+        /// An engine that needs its background work running was used while nothing ran it: run
+        /// its ``DBConnect`` (a ServiceLifecycle `Service`), or the engine itself.
+        public static let notRunning = Code(base: .notRunning)
 
         public var description: String { base.rawValue }
     }

@@ -57,7 +57,14 @@ public protocol DatabaseEngine: Sendable {
     func isConnectionUsable(_ connection: Connection) -> Bool
 
     /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
+    /// Makes ``run()`` return.
     func shutdown() async
+
+    /// Runs the engine's background work — opening connections, closing idle ones, timing out
+    /// leases — until ``shutdown()``, or until the task is cancelled. The connect that created
+    /// the engine runs it as a child task of ``DBConnect/run()``. The default (in an extension)
+    /// returns at once: an engine without background work needs no running.
+    func run() async
 
     /// Stops new leases, waits until every leased connection is given back, then shuts down —
     /// for an engine its connect retired (a demoted primary). The default (in an extension)
@@ -136,6 +143,9 @@ extension DatabaseEngine {
 
     /// Calls ``shutdown()``.
     public func drainAndShutdown() async { await shutdown() }
+
+    /// Returns at once: no background work.
+    public func run() async {}
 
     /// Answers `new`: the position of the latest commit.
     public static func latestConsistencyToken(_ current: String?, _ new: String) -> String { new }

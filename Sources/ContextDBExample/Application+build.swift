@@ -3,8 +3,9 @@ import ContextDBHummingbird
 import Hummingbird
 import Logging
 
-/// Builds the example application on `database`: probes the cluster, creates the tables, and
-/// runs the topology service beside the server.
+/// Builds the example application on `database`: runs the topology and the two connects as
+/// services beside the server, and before the server starts probes the cluster and creates the
+/// tables.
 /// - Parameter configure: Adds routes of the caller's (tests) to the router.
 func buildApplication(
     database: ExampleDatabase,
@@ -13,7 +14,6 @@ func buildApplication(
     logger: Logger = Logger(label: "ContextDBExample"),
     configure: (Router<BasicRequestContext>) -> Void = { _ in }
 ) async throws -> some ApplicationProtocol {
-    try await database.start()
     let router = buildRouter(database: database)
     configure(router)
     var app = Application(
@@ -21,7 +21,10 @@ func buildApplication(
         configuration: .init(address: .hostname(hostname, port: port), serverName: "ContextDBExample"),
         logger: logger
     )
-    app.addServices(database.topology, DatabaseService(database: database))
+    // The server is added after these, so a graceful shutdown stops it first, then closes the
+    // connects' engines.
+    app.addServices(database.topology, database.primary, database.replica)
+    app.beforeServerStarts { try await database.start() }
     return app
 }
 

@@ -2,7 +2,6 @@ import ContextDB
 import ContextDBPostgres
 import Logging
 import PostgresNIO
-import ServiceLifecycle
 
 /// The example's two connects, routed by a topology that probes every host of the URI: the
 /// primary connect follows the current primary (also after a promotion); the replica connect
@@ -62,43 +61,29 @@ struct ExampleDatabase: Sendable {
         )
     }
 
-    /// Probes the cluster once, so the first request finds a snapshot, and creates the tables.
+    /// Creates the tables, once the services run (the primary hook waits for the topology's
+    /// first probe round).
     func start() async throws {
-        await topology.refresh()
         try await createTables()
     }
+
+    /// The example's tables, created when missing.
+    static let schema = [
+        "CREATE TABLE IF NOT EXISTS example (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text)",
+        "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)",
+    ]
 
     /// Creates the example's tables when they are missing.
     func createTables() async throws {
         for attempt in 1...3 {
             do {
                 try await primary.withTransaction { session in
-                    try await session.execute(
-                        "CREATE TABLE IF NOT EXISTS example (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text)"
-                    )
-                    try await session.execute(
-                        "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)"
-                    )
+                    for statement in Self.schema { try await session.execute(PostgresQuery(unsafeSQL: statement)) }
                 }
                 return
             } catch let error as DBError where error.sqlState == "23505" && attempt < 3 {
                 continue  // another instance created them at the same moment
             }
         }
-    }
-
-    func close() async {
-        await primary.close()
-        await replica.close()
-    }
-}
-
-/// Closes the connects when the application shuts down.
-struct DatabaseService: Service {
-    let database: ExampleDatabase
-
-    func run() async throws {
-        try? await gracefulShutdown()
-        await database.close()
     }
 }

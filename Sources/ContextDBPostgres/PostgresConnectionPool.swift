@@ -9,8 +9,8 @@ import Synchronization
 ///
 /// The bookkeeping is a `LeaseStateMachine` behind one lock; this type runs what it answers
 /// after the lock is released. A lease served by an idle connection is one lock; one that waits
-/// is a continuation, no task. Connects and the timer are child tasks of one root task, which
-/// ``shutdown()`` ends; a reset is an event-loop callback chain.
+/// is a continuation, no task. Connects and the timer are child tasks of ``run()`` (which the
+/// engine's connect runs), and end with ``shutdown()``; a reset is an event-loop callback chain.
 final class PostgresConnectionPool: Sendable {
     typealias Waiter = CheckedContinuation<PostgresConnection, any Error>
     typealias Machine = LeaseStateMachine<PostgresConnection, Waiter, ContinuousClock.Instant>
@@ -20,6 +20,8 @@ final class PostgresConnectionPool: Sendable {
         var nextID = 0
         /// `drain()` callers waiting for no connection to be leased.
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Whether `run()` started: until then connects and the timer wait in `jobs`.
+        var running = false
     }
 
     /// How long an unused connection stays open: one minute.
@@ -28,6 +30,9 @@ final class PostgresConnectionPool: Sendable {
     static let connectRetryDelay = Duration.seconds(1)
     /// The shortest bound of a reset: this, or the statement timeout when longer.
     static let resetTimeout = Duration.seconds(5)
+    /// How long a lease waits for `run()` to start before the pool warns that nothing may be
+    /// running it: one second. It fails with `DBError.Code.notRunning` at the lease timeout.
+    static let runStartGrace = Duration.seconds(1)
 
     private let state: Mutex<State>
     private let connection: Result<PostgresConnection.Configuration, DBError>
@@ -40,7 +45,7 @@ final class PostgresConnectionPool: Sendable {
     /// backend process ID there).
     private let prepare: @Sendable (PostgresConnection) async -> Void
     private let jobs: AsyncStream<@Sendable () async -> Void>.Continuation
-    private let root: Task<Void, Never>
+    private let pendingJobs: AsyncStream<@Sendable () async -> Void>
 
     /// - Parameters:
     ///   - connection: How to connect, or why that is impossible (every lease then fails with it).
@@ -72,17 +77,27 @@ final class PostgresConnectionPool: Sendable {
             maximumConnections: max(1, maximumConnections), leaseTimeout: leaseTimeout, idleTimeout: Self.idleTimeout,
             resetsOnRelease: resetQuery != nil, connectRetryDelay: Self.connectRetryDelay
         ))))
-        let (stream, jobs) = AsyncStream.makeStream(of: (@Sendable () async -> Void).self)
-        self.jobs = jobs
-        // Detached: the pool is created lazily inside some request, and its connects and timer
-        // must not inherit that request's context. Every job is a child of this one root task.
-        self.root = Task.detached {
-            await withDiscardingTaskGroup { group in
-                for await job in stream {
-                    group.addTask { await job() }
-                }
-            }
+        (pendingJobs, jobs) = AsyncStream.makeStream(of: (@Sendable () async -> Void).self)
+    }
+
+    /// Runs the connects and the timer as child tasks until ``shutdown()`` or until the task is
+    /// cancelled (which shuts the pool down). Called once; a second call returns at once.
+    func run() async {
+        let first = state.withLock { state in
+            defer { state.running = true }
+            return !state.running
         }
+        guard first else {
+            logger.warning("the connection pool's run() was called twice; the second call returns at once")
+            return
+        }
+        await withDiscardingTaskGroup { group in
+            for await job in pendingJobs {
+                group.addTask { await job() }
+            }
+            group.cancelAll()  // a sleeping timer and connects under way end now
+        }
+        await shutdown()
     }
 
     /// Connections sessions hold now.
@@ -97,6 +112,7 @@ final class PostgresConnectionPool: Sendable {
     ///   connecting failed, when none came within the lease timeout, or after shutdown;
     ///   `CancellationError` when the task was cancelled while waiting.
     func lease() async throws -> PostgresConnection {
+        if !state.withLock({ $0.running || $0.machine.isShutDown }) { try await waitUntilRunning() }
         let (first, id) = state.withLock { state in
             state.nextID &+= 1
             return (state.machine.lease(now: .now), state.nextID)
@@ -123,6 +139,32 @@ final class PostgresConnectionPool: Sendable {
             }
         } onCancel: {
             cancelWaiter(id)
+        }
+    }
+
+    /// Waits for `run()` to start, at most the lease timeout: a lease may come a moment before
+    /// the connect's service runs, and on a busy machine that moment can be long. Logs a
+    /// warning after ``runStartGrace``, then fails with `DBError.Code.notRunning` at the lease
+    /// timeout. Polls: only a lease in that moment, or on an engine nothing runs, waits here.
+    private func waitUntilRunning() async throws {
+        let started = ContinuousClock.now
+        var warned = false
+        var pause = Duration.milliseconds(1)
+        while !state.withLock({ $0.running || $0.machine.isShutDown }) {
+            let waited = started.duration(to: .now)
+            guard waited < leaseTimeout else {
+                throw DBError(
+                    .notRunning,
+                    "the engine is not running, so it cannot open connections: run its DBConnect (a ServiceLifecycle Service: add it to your ServiceGroup or Hummingbird's Application(services:)), or call run() on a PostgresEngine you made yourself",
+                    host: host
+                )
+            }
+            if !warned, waited >= Self.runStartGrace {
+                warned = true
+                logger.warning("a lease is waiting for the engine to run; is its DBConnect running as a service?", metadata: ["db.host": "\(host)"])
+            }
+            try await Task.sleep(for: pause)
+            pause = min(pause * 2, .milliseconds(50))
         }
     }
 
@@ -165,9 +207,7 @@ final class PostgresConnectionPool: Sendable {
         for waiter in action.fail { waiter.resume(throwing: failure) }
         for connection in action.close { connection.closeQuietly() }
         for waiter in drained { waiter.resume() }
-        jobs.finish()
-        root.cancel()
-        await root.value
+        jobs.finish()  // run() returns once its connects and timer have ended
     }
 
     // MARK: - Running the machine's answers

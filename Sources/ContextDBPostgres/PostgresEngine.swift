@@ -1,6 +1,7 @@
 import ContextDB
 import Logging
 import PostgresNIO
+import ServiceLifecycle
 import Synchronization
 
 /// A `DatabaseEngine` on PostgresNIO: a pool of `PostgresConnection`s to one server.
@@ -344,6 +345,16 @@ public final class PostgresEngine: DatabaseEngine {
     private static let wroteQuery: PostgresQuery = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 
+    /// Runs the engine's background work — opening connections, closing idle ones after a
+    /// minute, timing out leases — until ``shutdown()``; cancelling the task shuts the engine
+    /// down. A ``DBConnect`` runs the engines it creates (in `DBConnect.run()`); call it yourself,
+    /// in a task of your own, for an engine you made. Until it runs, leases wait for it (a
+    /// warning is logged after a second), and fail with `DBError.Code.notRunning` at
+    /// ``leaseTimeout``.
+    public func run() async {
+        await pool.run()
+    }
+
     /// Waits until no session holds a connection of this engine, then shuts it down — for a
     /// host that left the cluster or a demoted primary.
     public func drainAndShutdown() async {
@@ -401,3 +412,7 @@ public final class PostgresEngine: DatabaseEngine {
         }
     }
 }
+
+/// An engine made by hand runs as a ServiceLifecycle `Service` (see ``PostgresEngine/run()``);
+/// a connect's engines are run by the connect.
+extension PostgresEngine: Service {}

@@ -294,10 +294,16 @@ public final class PostgresTopology: Service, Sendable {
         var configuration = try url.connectionConfiguration(for: endpoint)
         configuration.options.connectTimeout = .nanoseconds(Self.nanoseconds(ContinuousClock.now.duration(to: deadline)))
         let connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
-        if let replaced = probeConnections.withLock({ $0.updateValue(connection, forKey: endpoint) }) {
-            try? await replaced.close()
+        // A concurrent probe (`refresh()` beside `run()`) may have opened one meanwhile: keep
+        // that one — another probe may be querying it — and close this unused one.
+        let kept = probeConnections.withLock { connections -> PostgresConnection? in
+            if let existing = connections[endpoint], !existing.isClosed { return existing }
+            connections[endpoint] = connection
+            return nil
         }
-        return connection
+        guard let kept else { return connection }
+        try? await connection.close()
+        return kept
     }
 
     private func query(_ endpoint: PostgresEndpoint, on connection: PostgresConnection, deadline: ContinuousClock.Instant) async throws -> Probe {

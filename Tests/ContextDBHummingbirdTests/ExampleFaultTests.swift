@@ -49,11 +49,13 @@ struct ExampleFaultTests {
     @Test func everyRequestIsAnsweredWhenTheServerEndsIdleTransactions() async throws {
         try await setIdleTimeout(nil)  // the role exists and may reach the tables
         try await ExampleHarness.withExample(url: Self.url, maximumConnections: 10) { database, app in
-            try await setIdleTimeout("1ms")
-            // New engines: their connections start with the role's new setting.
-            await database.primary.close()
-            await database.replica.close()
             try await app.test(.live) { client in
+                // Once the app has started (it creates its tables on start-up, which the
+                // timeout would end): new engines, whose connections start with the role's
+                // new setting.
+                try await setIdleTimeout("1ms")
+                await database.primary.close()
+                await database.replica.close()
                 let port = client.port!
                 let outcomes = try await withThrowingTaskGroup(of: (HTTPResponse.Status, Int?).self) { group in
                     for _ in 0..<40 {

@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import ContextDBTesting
 import Foundation
 import Hummingbird
 import HummingbirdTesting
@@ -43,14 +44,7 @@ enum ExampleHarness {
     /// A connect of the test's own, for counting and resetting.
     static func withAdmin<R>(_ body: (DBConnect<PostgresEngine>) async throws -> R) async throws -> R {
         let admin = try DBConnect(label: "admin", url: databaseURL.replacingOccurrences(of: applicationName, with: "contextdb-admin"))
-        do {
-            let result = try await body(admin)
-            await admin.close()
-            return result
-        } catch {
-            await admin.close()
-            throw error
-        }
+        return try await withRunningServices([admin]) { try await body(admin) }
     }
 
     /// Builds the example on empty tables and runs `body` with its database and app.
@@ -67,7 +61,10 @@ enum ExampleHarness {
             extraRoutes(router, database)
         }
         try await withAdmin { admin in
-            try await admin.withTransaction { try await $0.execute("TRUNCATE example, items RESTART IDENTITY") }
+            try await admin.withTransaction { session in
+                for statement in ExampleDatabase.schema { try await session.execute(PostgresQuery(unsafeSQL: statement)) }
+                try await session.execute("TRUNCATE example, items RESTART IDENTITY")
+            }
         }
         return try await body(database, app)
     }

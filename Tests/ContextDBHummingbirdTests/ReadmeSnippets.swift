@@ -19,15 +19,20 @@ enum ReadmeSnippets {
             url: "postgresql://contextdb:contextdb@127.0.0.1:25433/contextdb?sslmode=disable",
             options: DBSessionOptions(readOnly: true))
 
-        try await withDBContext {                          // the middleware does this per request
-            let session = try await primary.session()      // no connection yet
-            try await session.execute("CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)")
-            let id = try await session.queryValue(
-                "INSERT INTO items (text) VALUES (\("hello")) RETURNING id", as: Int.self)  // a bound parameter
-            try await primary.commit()                     // early commit; the rest commits at the end
-            let rows = try await replica.session().queryValue("SELECT count(*)::int FROM items", as: Int.self)
-            print(id ?? 0, rows ?? 0)                      // the replica shows the row once it replayed it
-        }                                                  // COMMIT, connections back to their pools
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await primary.run() }      // a connect runs its pools: a service
+            group.addTask { try await replica.run() }
+            try await withDBContext {                      // the middleware does this per request
+                let session = try await primary.session()  // no connection yet
+                try await session.execute("CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)")
+                let id = try await session.queryValue(
+                    "INSERT INTO items (text) VALUES (\("hello")) RETURNING id", as: Int.self)  // a bound parameter
+                try await primary.commit()                 // early commit; the rest commits at the end
+                let rows = try await replica.session().queryValue("SELECT count(*)::int FROM items", as: Int.self)
+                print(id ?? 0, rows ?? 0)                  // the replica shows the row once it replayed it
+            }                                              // COMMIT, connections back to their pools
+            group.cancelAll()                              // stops the connects: their pools close
+        }
     }
 
     static func primaryAndReplicas() throws -> (DBConnect<PostgresEngine>, DBConnect<PostgresEngine>, String) {
@@ -59,9 +64,9 @@ enum ReadmeSnippets {
             try await primary.session().execute("INSERT INTO items (text) VALUES (\(item.text))")
             return .created                                // < 400: committed; >= 400 or a throw: rolled back
         }
-        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 8080)))
-        try await app.runService()                         // serves until SIGINT or SIGTERM
-        await primary.close()                              // then closes the connections
+        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: 8080)),
+                              services: [primary])         // runs the connect's pools beside the server
+        try await app.runService()                         // serves until SIGINT or SIGTERM, then closes the pools
     }
 }
 
@@ -88,35 +93,53 @@ enum ReadmeSnippets {
     }
 }
 
-/// Every line of every Swift block in README.md appears in this file, in order (imports may be
-/// anywhere above; a `@Test` attribute may carry traits here).
+/// Every line of every Swift block in README.md appears in this file, in order.
 @Suite struct ReadmeTests {
     @Test func everySwiftBlockOfTheReadmeIsCompiledHere() throws {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        let readme = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
-        let compiled = try String(contentsOf: URL(fileURLWithPath: #filePath), encoding: .utf8)
+        let blocks = try SnippetCheck.expectEveryBlockCompiled(
+            of: [SnippetCheck.root.appendingPathComponent("README.md")], in: URL(fileURLWithPath: #filePath)
+        )
+        #expect(blocks >= 5)
+    }
+}
+
+/// Checks that documentation's Swift blocks are compiled by a test file.
+enum SnippetCheck {
+    /// The package's root folder.
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// Records an issue for each line of a Swift block of `documents` that does not appear in
+    /// `compiledFile` in the block's order (imports may be anywhere; a `@Test` attribute may
+    /// carry traits there; a Package.swift fragment is skipped). Returns the blocks checked.
+    static func expectEveryBlockCompiled(of documents: [URL], in compiledFile: URL) throws -> Int {
+        let compiled = try String(contentsOf: compiledFile, encoding: .utf8)
             .split(separator: "\n", omittingEmptySubsequences: false)
             .map { line in
                 line.trimmingCharacters(in: .whitespaces)
                     .replacingOccurrences(of: #"^@Test\(.*?\) func"#, with: "@Test func", options: .regularExpression)
             }
-        let blocks = readme.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
-        #expect(blocks.count >= 5)
-        for block in blocks {
-            let lines = block.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-            if lines.first?.hasPrefix(".package(") == true { continue }  // a Package.swift fragment
-            var position = compiled.startIndex
-            for line in lines {
-                if line.hasPrefix("import ") {
-                    #expect(compiled.contains(line), "README line not compiled: \(line)")
-                    continue
+        var checked = 0
+        for document in documents {
+            let text = try String(contentsOf: document, encoding: .utf8)
+            let blocks = text.components(separatedBy: "```swift\n").dropFirst().map { $0.components(separatedBy: "```")[0] }
+            for block in blocks {
+                let lines = block.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+                if lines.first?.hasPrefix(".package(") == true { continue }  // a Package.swift fragment
+                checked += 1
+                var position = compiled.startIndex
+                for line in lines {
+                    if line.hasPrefix("import ") {
+                        #expect(compiled.contains(line), "\(document.lastPathComponent) line not compiled: \(line)")
+                        continue
+                    }
+                    guard let found = compiled[position...].firstIndex(of: line) else {
+                        Issue.record("\(document.lastPathComponent) line not compiled here (or out of order): \(line)")
+                        break
+                    }
+                    position = compiled.index(after: found)
                 }
-                guard let found = compiled[position...].firstIndex(of: line) else {
-                    Issue.record("README line not compiled here (or out of order): \(line)")
-                    break
-                }
-                position = compiled.index(after: found)
             }
         }
+        return checked
     }
 }

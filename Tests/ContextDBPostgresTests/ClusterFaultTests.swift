@@ -9,7 +9,7 @@ import TestSupport
 /// Faults of the issue "A request never hangs…" that need servers frozen, stopped or promoted,
 /// each on a scratch cluster of its own (fixed ports outside the range Linux hands to outgoing
 /// connections, unique per test).
-@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
+@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(4)))
 struct ClusterFaultTests {
     /// The example's probe settings: every 500 ms, 2 s timeout.
     private func withDefaultTopology<R>(url: String, _ body: (PostgresTopology) async throws -> R) async throws -> R {
@@ -26,15 +26,15 @@ struct ClusterFaultTests {
                 let frozenPort = cluster.replicaPorts[0]
                 let frozenHost = cluster.endpoint(frozenPort)
                 // Bound to the replica that will freeze, with the example's statement timeout.
-                let pinned = try DBConnect(
+                let pinned = try running(DBConnect(
                     label: "pinned", url: cluster.url, options: DBSessionOptions(readOnly: true),
                     statementTimeout: .milliseconds(500),
                     beforeCreateSession: { try $0.changeHost(frozenHost) }
-                )
-                let replica = try DBConnect(
+                ))
+                let replica = try running(DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                     statementTimeout: .milliseconds(500), chooseHost: topology.replicaHook()
-                )
+                ))
                 func read(_ connect: DBConnect<PostgresEngine>) async throws -> Int {
                     try await withDBContext {
                         try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
@@ -87,11 +87,11 @@ struct ClusterFaultTests {
     @Test func aReplicaThatLostItsPrimaryServesNoTokenlessRead() async throws {
         try await ScratchCluster.with(primaryPort: 27472, replicas: 2) { cluster in
             try await withDefaultTopology(url: cluster.url) { topology in
-                let primary = try DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook())
-                let replica = try DBConnect(
+                let primary = try running(DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook()))
+                let replica = try running(DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                     chooseHost: topology.replicaHook()
-                )
+                ))
                 try await withDBContext { try await primary.session().execute("CREATE TABLE items (text text)") }
                 try await eventually("both replicas stream and caught up") {
                     let replicas = topology.snapshot.replicas
@@ -146,10 +146,10 @@ struct ClusterFaultTests {
 
     @Test func aReplicaSessionEndedForARecoveryConflictFailsWithTheServersReason() async throws {
         try await ScratchCluster.with(primaryPort: 27482, replicas: 1) { cluster in
-            let primary = try DBConnect(label: "primary", url: TestCluster.url(port: cluster.primaryPort))
-            let replica = try DBConnect(
+            let primary = try running(DBConnect(label: "primary", url: TestCluster.url(port: cluster.primaryPort)))
+            let replica = try running(DBConnect(
                 label: "replica", url: TestCluster.url(port: cluster.replicaPorts[0]), options: DBSessionOptions(readOnly: true)
-            )
+            ))
             // The replica cancels queries that block replay for more than a second.
             // ALTER SYSTEM runs outside a transaction: on a plain connection, not a session.
             let admin = try await PostgresConnection.connect(

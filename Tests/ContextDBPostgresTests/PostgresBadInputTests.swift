@@ -37,12 +37,12 @@ import TestSupport
     }
 }
 
-@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(2)))
 struct PostgresBadInputTests {
     let password = "Wr0ng-S3cret"
 
     func connectError(_ url: String) async -> DBError? {
-        let connect = try! DBConnect(label: "primary", url: url)
+        let connect = try! running(DBConnect(label: "primary", url: url))
         let started = ContinuousClock.now
         let error = await expectDBError(.connectionFailed) {
             try await withDBContext { try await connect.session().execute("SELECT 1") }
@@ -70,7 +70,7 @@ struct PostgresBadInputTests {
 
     @Test func anUnknownDatabaseSaysSo() async throws {
         let url = TestCluster.url(password: TestCluster.password, database: "no_such_db", query: "sslmode=disable&connect_timeout=2")
-        let connect = try DBConnect(label: "primary", url: url)
+        let connect = try running(DBConnect(label: "primary", url: url))
         let error = await expectDBError(.connectionFailed) {
             try await withDBContext { try await connect.session().execute("SELECT 1") }
         }
@@ -79,8 +79,17 @@ struct PostgresBadInputTests {
         #expect(error?.description.contains(TestCluster.password + "@") == false)
     }
 
+    @Test func aConnectNobodyRunsFailsItsLeasesWithAClearError() async throws {
+        let connect = try DBConnect(url: TestCluster.primaryURL, leaseTimeout: .milliseconds(300))  // not running()
+        let error = await expectDBError(.notRunning) {
+            try await withDBContext { try await connect.session().execute("SELECT 1") }
+        }
+        #expect(error?.message.contains("run its DBConnect") == true)
+        await connect.close()
+    }
+
     @Test func anEmptyHostIsRefusedByTheConnect() async throws {
-        let connect = try DBConnect(url: TestCluster.primaryURL)
+        let connect = try running(DBConnect(url: TestCluster.primaryURL))
         await expectDBError(.emptyHost) { try connect.changeHost("") }
         await connect.close()
     }

@@ -4,7 +4,7 @@ import PostgresNIO
 import Testing
 import TestSupport
 
-@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(3)))
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(3)))
 struct PostgresEngineTests {
     @Test func theReplicaSeesReplicatedRowsOnceItReplayedThem() async throws {
         try await Fixture.with { (fixture: Fixture) async throws in
@@ -30,9 +30,9 @@ struct PostgresEngineTests {
             #expect(onReplica?.description.contains("read-only") == true)
 
             // The same rule on the primary's server, for a connect declared read-only.
-            let readOnlyPrimary = try DBConnect(
+            let readOnlyPrimary = try running(DBConnect(
                 label: "reporting", url: TestCluster.primaryURL, options: DBSessionOptions(readOnly: true)
-            )
+            ))
             await expectDBError(.readOnlySession) {
                 try await withDBContext { try await fixture.insert(readOnlyPrimary.session()) }
             }
@@ -68,9 +68,9 @@ struct PostgresEngineTests {
     }
 
     @Test func sessionOptionsReachTheServer() async throws {
-        let connect = try DBConnect(
+        let connect = try running(DBConnect(
             url: TestCluster.primaryURL, options: DBSessionOptions(readOnly: true, isolationLevel: .serializable)
-        )
+        ))
         let (isolation, readOnly) = try await withDBContext {
             let session = try await connect.session()
             return (
@@ -84,7 +84,7 @@ struct PostgresEngineTests {
     }
 
     @Test func servedByIsTheHostTheSessionReallyUsed() async throws {
-        let connect = try DBConnect(url: TestCluster.url(host: "127.0.0.1", port: TestCluster.replicaPort))
+        let connect = try running(DBConnect(url: TestCluster.url(host: "127.0.0.1", port: TestCluster.replicaPort)))
         let port = try await withDBContext {
             try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self)
         }

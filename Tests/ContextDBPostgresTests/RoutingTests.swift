@@ -8,7 +8,7 @@ import TestSupport
 
 /// Routing against the shared test cluster (a primary and two replicas): nothing here stops
 /// or pauses a server.
-@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(2)))
 struct RoutingTests {
     static var clusterURL: String {
         let ports = (ProcessInfo.processInfo.environment["POSTGRES_REPLICA_PORTS"] ?? "\(TestCluster.replicaPort)")
@@ -20,14 +20,12 @@ struct RoutingTests {
     /// Right after start-up the snapshot is empty: a session created then waits for the first
     /// probe round instead of failing with an empty 500.
     @Test func aSessionRightAfterStartUpWaitsForTheFirstProbeRound() async throws {
-        let topology = try PostgresTopology(url: Self.clusterURL)
-        let primary = try DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook())
-        let replica = try DBConnect(
+        let topology = running(try PostgresTopology(url: Self.clusterURL))
+        let primary = try running(DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook()))
+        let replica = try running(DBConnect(
             label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
             chooseHost: topology.replicaHook(fallbackToPrimary: false)
-        )
-        let service = Task { try await topology.run() }
-        defer { service.cancel() }
+        ))
         let (written, read) = try await withDBContext {
             (try await primary.session().queryValue("SELECT NOT pg_is_in_recovery()", as: Bool.self),
              try await replica.session().queryValue("SELECT pg_is_in_recovery()", as: Bool.self))
@@ -37,13 +35,27 @@ struct RoutingTests {
         await replica.close()
     }
 
+    /// Two probes of one host at once (`refresh()` beside `run()`, or two refreshes) share one
+    /// probe connection, and neither closes the other's — which failed that probe and marked a
+    /// healthy host down.
+    @Test func concurrentProbesMarkNoHealthyHostDown() async throws {
+        for _ in 0..<20 {
+            let topology = running(try PostgresTopology(url: Self.clusterURL))  // its run() probes too
+            async let first: Void = topology.refresh()
+            async let second: Void = topology.refresh()
+            _ = await (first, second)
+            let hosts = topology.snapshot.hosts
+            #expect(hosts.allSatisfy { $0.isHealthy && $0.lastError == nil }, "\(hosts.map { "\($0.endpoint): \($0.lastError ?? "ok")" })")
+        }
+    }
+
     /// A topology nobody runs never gets a probe: the hook gives up after one probe timeout,
     /// with a typed error that says why.
     @Test func aTopologyThatIsNotRunningFailsTheSessionAfterAProbeTimeout() async throws {
         var configuration = PostgresTopology.Configuration()
         configuration.probeTimeout = .milliseconds(300)
         let topology = try PostgresTopology(url: Self.clusterURL, configuration: configuration)
-        let primary = try DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook())
+        let primary = try running(DBConnect(label: "primary", url: Self.clusterURL, chooseHost: topology.primaryHook()))
         let error = await expectDBError(.noHostAvailable) {
             try await withDBContext { _ = try await primary.session() }
         }
@@ -63,10 +75,10 @@ struct RoutingTests {
     @Test(arguments: [DBReplicaPolicy.roundRobin, .random, .leastLag])
     func readsSpreadOverReplicasAndNeverWrite(policy: DBReplicaPolicy) async throws {
         try await withTopology(url: Self.clusterURL) { topology in
-            let replica = try DBConnect(
+            let replica = try running(DBConnect(
                 label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
                 chooseHost: topology.replicaHook(policy: policy, fallbackToPrimary: false)
-            )
+            ))
             var served: [String: Int] = [:]
             for _ in 0..<40 {
                 let port = try await withDBContext {
@@ -89,10 +101,10 @@ struct RoutingTests {
     @Test func aCustomHookCanReadTheSnapshot() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
             // The user's own handler: the replica with the highest port, say.
-            let connect = try DBConnect(label: "custom", url: Self.clusterURL, beforeCreateSession: { connect in
+            let connect = try running(DBConnect(label: "custom", url: Self.clusterURL, beforeCreateSession: { connect in
                 let last = topology.snapshot.replicas.max { $0.endpoint.port < $1.endpoint.port }!
                 try connect.changeHost(last.endpoint.description)
-            })
+            }))
             let port = try await withDBContext {
                 try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self)
             }
@@ -103,13 +115,13 @@ struct RoutingTests {
 
     @Test func aWriteIsReadBackFromAReplicaInTheSameRequest() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
-            let primary = try DBConnect(
+            let primary = try running(DBConnect(
                 label: "primary", url: Self.clusterURL, readYourWrites: true, chooseHost: topology.primaryHook()
-            )
-            let replica = try DBConnect(
+            ))
+            let replica = try running(DBConnect(
                 label: "replica", url: Self.clusterURL, options: DBSessionOptions(readOnly: true),
                 chooseHost: topology.replicaHook()
-            )
+            ))
             let table = "ryow_\(UInt32.random(in: 0...UInt32.max))"
             try await primary.withTransaction { try await $0.execute("CREATE TABLE \(unescaped: table) (id int)") }
             for id in 0..<100 {
@@ -131,15 +143,15 @@ struct RoutingTests {
 }
 
 /// Routing while servers stop, get promoted or pause replay — each test on a cluster of its own.
-@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(4)))
+@Suite(.serialized, .enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(4)))
 struct FailoverTests {
     @Test func aStoppedReplicaCostsNoRequestAndIsUsedAgainWhenBack() async throws {
         try await ScratchCluster.with(primaryPort: 27432, replicas: 2) { cluster in
             try await withTopology(url: cluster.url) { topology in
-                let replica = try DBConnect(
+                let replica = try running(DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                     chooseHost: topology.replicaHook()
-                )
+                ))
                 func read() async throws -> Int {
                     try await withDBContext {
                         try await replica.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
@@ -174,9 +186,9 @@ struct FailoverTests {
     @Test func writesFollowAPromotionWithoutARestart() async throws {
         try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
-                let primary = try DBConnect(
+                let primary = try running(DBConnect(
                     label: "primary", url: cluster.url, chooseHost: topology.primaryHook()
-                )
+                ))
                 try await withDBContext {
                     try await primary.session().execute("CREATE TABLE promoted (at int)")
                 }
@@ -209,16 +221,16 @@ struct FailoverTests {
     @Test func aLaggingReplicaNeverServesStaleDataToATokenAndOnlyWithinMaxLagWithout() async throws {
         try await ScratchCluster.with(primaryPort: 27452, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
-                let primary = try DBConnect(
+                let primary = try running(DBConnect(
                     label: "primary", url: cluster.url, readYourWrites: true, chooseHost: topology.primaryHook()
-                )
+                ))
                 func replicaConnect(maximumLagBytes: UInt64?) throws -> DBConnect<PostgresEngine> {
-                    try DBConnect(
+                    try running(DBConnect(
                         label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                         chooseHost: topology.replicaHook(
                             maximumLagBytes: maximumLagBytes, readYourWritesWait: .milliseconds(300)
                         )
-                    )
+                    ))
                 }
                 let limited = try replicaConnect(maximumLagBytes: 1024)
                 let unlimited = try replicaConnect(maximumLagBytes: nil)

@@ -7,7 +7,7 @@ import TestSupport
 /// Faults of the issue "A request never hangs…", against the real primary: connections the
 /// server ends, session state left on pooled connections, savepoint recovery, statement deadlines.
 /// The suite's time limit is the hang detector: before the fixes these tests never returned.
-@Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(2)))
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(2)))
 struct ServerFaultTests {
     /// The backend process ID of the session's connection.
     private func backendPID(_ session: DBSession<PostgresEngine>) async throws -> Int32 {
@@ -117,7 +117,7 @@ struct ServerFaultTests {
     }
 
     @Test func aStatementRightAfterTheConnectionClosesFailsInsteadOfWaiting() async throws {
-        let engine = try PostgresEngine(url: PostgresURL(TestCluster.primaryURL), maximumConnections: 2)
+        let engine = try running(PostgresEngine(url: PostgresURL(TestCluster.primaryURL), maximumConnections: 2))
         for _ in 0..<20 {
             let connection = try await engine.leaseConnection()
             let closing: EventLoopFuture<Void> = connection.close()  // from off the event loop, not awaited

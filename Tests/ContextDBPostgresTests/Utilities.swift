@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import ContextDBTesting
 import Foundation
 import PostgresNIO
 import Testing
@@ -61,18 +62,20 @@ struct Fixture {
             applicationName: applicationName
         )
         let unique = deferredUnique ? ", CONSTRAINT \(fixture.table)_text_key UNIQUE (text) DEFERRABLE INITIALLY DEFERRED" : ""
-        try await fixture.primary.withTransaction { session in
-            try await session.execute(
-                "CREATE TABLE \(unescaped: fixture.table) (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text\(unescaped: unique))"
-            )
-        }
-        do {
-            let result = try await body(fixture)
-            await fixture.tearDown()
-            return result
-        } catch {
-            await fixture.tearDown()
-            throw error
+        return try await withRunningServices([fixture.primary, fixture.replica]) {
+            try await fixture.primary.withTransaction { session in
+                try await session.execute(
+                    "CREATE TABLE \(unescaped: fixture.table) (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text\(unescaped: unique))"
+                )
+            }
+            do {
+                let result = try await body(fixture)
+                await fixture.tearDown()
+                return result
+            } catch {
+                await fixture.tearDown()
+                throw error
+            }
         }
     }
 
@@ -131,14 +134,16 @@ struct Fixture {
     }
 }
 
-/// Runs `body` with `connect`, and closes the connect afterwards, also when `body` throws.
-func using<R>(_ connect: DBConnect<PostgresEngine>, _ body: () async throws -> R) async throws -> R {
-    do {
-        let result = try await body()
-        await connect.close()
-        return result
-    } catch {
-        await connect.close()
-        throw error
+/// Runs `body` while `connects` run, and closes them afterwards, also when `body` throws.
+func using<R>(_ connects: DBConnect<PostgresEngine>..., body: () async throws -> R) async throws -> R {
+    try await withRunningServices(connects) {
+        do {
+            let result = try await body()
+            for connect in connects { await connect.close() }
+            return result
+        } catch {
+            for connect in connects { await connect.close() }
+            throw error
+        }
     }
 }

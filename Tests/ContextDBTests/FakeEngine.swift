@@ -10,6 +10,10 @@ final class FakeDatabase: Sendable {
         var leased: Set<Int> = []
         var enginesCreated: [String] = []
         var enginesShutDown: [String] = []
+        /// The hosts of engines whose `run()` is running, and how to end each (by engine number).
+        var running: [Int: (host: String, stop: CheckedContinuation<Void, Never>?)] = [:]
+        var stopped: Set<Int> = []
+        var nextEngine = 1
         var committedRows = 0
         var pendingRows: [Int: Int] = [:]
         /// Statements (by exact text) that fail the next time they run.
@@ -37,6 +41,17 @@ final class FakeDatabase: Sendable {
     var leasedCount: Int { state.withLock { $0.leased.count } }
     var enginesCreated: [String] { state.withLock { $0.enginesCreated } }
     var enginesShutDown: [String] { state.withLock { $0.enginesShutDown } }
+    var enginesRunning: [String] { state.withLock { $0.running.values.map(\.host).sorted() } }
+
+    /// Ends the `run()` of engine `number` (shut down, or its task cancelled).
+    func stop(_ number: Int) {
+        let stop = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            state.stopped.insert(number)
+            defer { state.running[number]?.stop = nil }  // resumed once
+            return state.running[number]?.stop
+        }
+        stop?.resume()
+    }
 
     func record(_ line: String) { state.withLock { $0.log.append(line) } }
     func clearLog() { state.withLock { $0.log.removeAll() } }
@@ -68,7 +83,11 @@ final class FakeDatabase: Sendable {
             if state.unreachableHosts.contains(host) { throw FakeError.unreachable(host) }
             state.enginesCreated.append(host)
         }
-        return FakeEngine(host: host, database: self)
+        let number = state.withLock { state in
+            defer { state.nextEngine += 1 }
+            return state.nextEngine
+        }
+        return FakeEngine(host: host, database: self, number: number)
     }
 
     /// Runs `sql`; for a `COMMIT` that saved rows, returns its position (`"1"`, `"2"`, …).
@@ -167,6 +186,8 @@ struct FakeEngine: DatabaseEngine {
 
     let host: String
     let database: FakeDatabase
+    /// Which engine this is, in creation order.
+    let number: Int
 
     func leaseConnection() async throws -> Connection {
         try database.state.withLock { state in
@@ -202,6 +223,24 @@ struct FakeEngine: DatabaseEngine {
 
     func shutdown() async {
         database.state.withLock { $0.enginesShutDown.append(host) }
+        database.stop(number)
+    }
+
+    /// Counts as running (``FakeDatabase/enginesRunning``) until shut down or cancelled.
+    func run() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let stopNow = database.state.withLock { state in
+                    if state.stopped.contains(number) { return true }
+                    state.running[number] = (host, continuation)
+                    return false
+                }
+                if stopNow { continuation.resume() }
+            }
+        } onCancel: {
+            database.stop(number)
+        }
+        database.state.withLock { _ = $0.running.removeValue(forKey: number) }
     }
 }
 

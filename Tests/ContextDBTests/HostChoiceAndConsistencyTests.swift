@@ -48,12 +48,12 @@ import TestSupport
         #expect(error?.connect == "default")
     }
 
-    @Test func aChoiceThatRetiresOtherHostsDrainsTheirEngines() async throws {
+    @Test(.runsServices) func aChoiceThatRetiresOtherHostsDrainsTheirEnginesInTheConnectsRun() async throws {
         let database = FakeDatabase()
         let primary = Mutex("db1")
-        let connect = DBConnect.fake(host: nil, database: database, chooseHost: { _ in
+        let connect = running(DBConnect.fake(host: nil, database: database, chooseHost: { _ in
             DBHostChoice(primary.withLock { $0 }, retiresOtherHosts: true)
-        })
+        }))
         try await withDBContext { try await connect.session().execute("INSERT") }
         primary.withLock { $0 = "db2" }
         try await withDBContext { try await connect.session().execute("INSERT") }

@@ -63,7 +63,7 @@ let benchmarks: @Sendable () -> Void = {
         let replica = try DBConnect(label: "replica", url: url, options: DBSessionOptions(readOnly: true))
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
-            try? await hook(replica)
+            _ = try? await hook(DBHostRequest(connect: replica, consistencyToken: nil))
         }
         benchmark.stopMeasurement()
     }
@@ -72,6 +72,8 @@ let benchmarks: @Sendable () -> Void = {
 
     // Against the real primary: ContextDB versus PostgresNIO by hand.
     let primary = try! DBConnect(label: "primary", url: Server.url, maximumConnections: 4)
+    let primaryTask = Task { try await primary.run() }  // its pool runs for the whole benchmark process
+    _ = primaryTask
     var configuration = try! PostgresURL(Server.url).configuration()
     configuration.options.maximumConnections = 4
     let client = PostgresClient(configuration: configuration, backgroundLogger: Logger(label: "baseline"))

@@ -53,9 +53,10 @@ struct TwinServer {
         }
         router.get("/noop") { _, _ -> OK in OK() }
 
-        let app = Application(router: router, configuration: .init(address: .hostname("127.0.0.1", port: port)))
+        let app = Application(
+            router: router, configuration: .init(address: .hostname("127.0.0.1", port: port)),
+            services: [primary, replica]  // their pools run beside the server and close after it
+        )
         try await app.runService()
-        await primary.close()
-        await replica.close()
     }
 }
