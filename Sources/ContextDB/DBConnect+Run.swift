@@ -20,16 +20,25 @@ extension DBConnect: Service {
     /// `Application(services:)` (the server shuts down first). Engines created before `run()`
     /// starts wait for it; an engine with background work (PostgreSQL's) used while nothing
     /// runs its connect fails its leases with ``DBError/Code/notRunning`` at its lease timeout.
-    /// Run each connect once.
-    /// - Throws: ``DBError/Code/invalidConfiguration`` when `run()` was already called.
+    /// Once `run()` has returned the connect may run again (each `app.test` of HummingbirdTesting
+    /// runs the app's services anew), but not twice at once.
+    /// - Throws: ``DBError/Code/invalidConfiguration`` when `run()` is already running.
     public func run() async throws {
-        let first = state.withLock { state in
-            defer { state.runStarted = true }
-            return !state.runStarted
+        let (jobs, queue) = AsyncStream.makeStream(of: EngineJob.self)
+        let waiting = state.withLock { state -> [EngineJob]? in
+            guard state.runner == nil else { return nil }
+            state.runner = queue
+            defer { state.pendingDrains.removeAll() }
+            let ready = state.engines.values.compactMap { slot -> EngineJob? in
+                guard case .ready(let engine) = slot else { return nil }
+                return .run(engine)
+            }
+            return ready + state.pendingDrains.map { .drain($0) }
         }
-        guard first else {
-            throw DBError(.invalidConfiguration, "run() was already called on this connect; run each connect once", connect: label)
+        guard let waiting else {
+            throw DBError(.invalidConfiguration, "run() is already running on this connect; run each connect once at a time", connect: label)
         }
+        for job in waiting { queue.yield(job) }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
                 for await job in jobs {
@@ -39,10 +48,11 @@ extension DBConnect: Service {
                     }
                 }
                 // Shut down (cancelled, or a graceful shutdown): every engine's run() returns.
+                state.withLock { $0.runner = nil }
                 await close()
             }
         } onGracefulShutdown: {
-            self.jobQueue.finish()
+            queue.finish()
         }
     }
 }

@@ -44,14 +44,13 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     struct State: Sendable {
         var host: String?
         var engines: [String: EngineSlot] = [:]
-        /// Whether ``run()`` took the jobs: it runs, or ran.
-        var runStarted = false
+        /// Where engines' background work goes while ``run()`` runs; `nil` otherwise.
+        var runner: AsyncStream<EngineJob>.Continuation?
+        /// Engines retired while nothing ran: the next ``run()`` drains them.
+        var pendingDrains: [Engine] = []
     }
 
     let state: Mutex<State>
-    /// The engines' background work, for ``run()``: buffered until it starts.
-    let jobs: AsyncStream<EngineJob>
-    let jobQueue: AsyncStream<EngineJob>.Continuation
 
     /// Declares a database. Nothing connects until a session runs its first statement.
     /// - Parameters:
@@ -81,7 +80,6 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         self.normalizeHost = normalizeHost
         self.makeEngine = engine
         self.state = Mutex(State(host: host.map { host in (try? normalizeHost?(host)) ?? host }))
-        (jobs, jobQueue) = AsyncStream.makeStream()
     }
 
     /// The canonical spelling of `host` (see `init`'s `normalizeHost`).
@@ -182,18 +180,17 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// Takes the engines of every host but `host` out and drains them (see
     /// ``DBHostChoice/retiresOtherHosts``).
     private func retireEngines(keeping host: String) {
-        let retired = state.withLock { state -> [(String, Engine)] in
-            var retired: [(String, Engine)] = []
+        let (retired, runner) = state.withLock { state -> ([Engine], AsyncStream<EngineJob>.Continuation?) in
+            var retired: [Engine] = []
             for (other, slot) in state.engines where other != host {
                 guard case .ready(let engine) = slot else { continue }
                 state.engines[other] = nil
-                retired.append((other, engine))
+                retired.append(engine)
             }
-            return retired
+            if state.runner == nil { state.pendingDrains += retired }
+            return (retired, state.runner)
         }
-        for (_, engine) in retired {
-            jobQueue.yield(.drain(engine))
-        }
+        for engine in retired { runner?.yield(.drain(engine)) }
     }
 
     /// Shuts down every engine. A later session creates its engine again, lazily.
@@ -228,12 +225,13 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         }
         do {
             let engine = try await task.value
-            let created = state.withLock { state in
-                guard case .creating(let current) = state.engines[host], current == task else { return false }
+            // Run now when run() runs; else the next run() starts it (it runs the ready engines).
+            let runner = state.withLock { state -> AsyncStream<EngineJob>.Continuation? in
+                guard case .creating(let current) = state.engines[host], current == task else { return nil }
                 state.engines[host] = .ready(engine)
-                return true
+                return state.runner
             }
-            if created { jobQueue.yield(.run(engine)) }
+            runner?.yield(.run(engine))
             return engine
         } catch {
             state.withLock { state in
@@ -348,10 +346,11 @@ final class HostSelection: Sendable {
     /// connect's default host.
     static func choosing<Engine>(by hook: @escaping DBConnect<Engine>.BeforeCreateSession) -> DBConnect<Engine>.ChooseHost {
         { request in
+            let defaultHost = request.connect.host  // as the hook found it: another task may change it meanwhile
             let selection = HostSelection(connect: ObjectIdentifier(request.connect))
             try await $current.withValue(selection) { try await hook(request.connect) }
             if let choice = selection.chosen.withLock({ $0 }) { return choice }
-            guard let host = request.connect.host else {
+            guard let host = defaultHost else {
                 throw DBError(
                     .hostNotSet,
                     "no host is set; pass host: to DBConnect, call connect(host:), or choose one in beforeCreateSession with changeHost(_:)",

@@ -44,8 +44,13 @@ public final class DBContext: Sendable {
         self.init(nestedIn: nil)
     }
 
-    /// A context nested in `parent`: it inherits the sessions a transactional test pinned there.
-    package init(nestedIn parent: DBContext?) {
+    /// Creates an empty context nested in `parent`: it inherits the sessions a transactional
+    /// test (`withTransactionalTest`) pinned there, so work in it stays in the test's
+    /// savepoints. Framework integrations that make their own contexts pass
+    /// `DBContext.current` here; ``withDBRequest(ifActive:consistencyToken:beforeCommit:statusCode:onCommitted:isolation:_:)``
+    /// does.
+    /// - Parameter parent: The context to nest in, or `nil` (the same as ``init()``).
+    public init(nestedIn parent: DBContext?) {
         state = Mutex(State(pinned: parent?.state.withLock { $0.pinned } ?? [:]))
     }
 

@@ -27,7 +27,7 @@ public protocol DatabaseEngine: Sendable {
     ///   - statement: The statement to run.
     ///   - connection: A leased connection.
     /// - Returns: What the statement reported: for a `COMMIT` of a transaction that wrote, the
-    ///   engine's read-your-own-writes position, when it tracks one; ``DBControlResult/none``
+    ///   engine's read-your-own-writes position, when it tracks one; ``DBControlResult/empty``
     ///   otherwise. The session passes it to its context; the engine never writes it anywhere.
     /// - Throws: For ``DBControlStatement/commit``, a ``DBError`` with code
     ///   ``DBError/Code/commitFailed`` when the server ended the transaction without committing
@@ -81,7 +81,7 @@ public struct DBControlResult: Sendable, Hashable {
     public var consistencyToken: String?
 
     /// A result that reports nothing: what every statement but a tracked `COMMIT` returns.
-    public static let none = DBControlResult()
+    public static let empty = DBControlResult()
 
     /// Creates a result.
     /// - Parameter consistencyToken: The committed transaction's position, if the engine tracks it.

@@ -61,9 +61,10 @@ struct ExampleDatabase: Sendable {
         )
     }
 
-    /// Creates the tables, once the services run (the primary hook waits for the topology's
-    /// first probe round).
+    /// Probes the cluster once — beside the topology's own first round, so start-up does not
+    /// hinge on that round's time bound — then creates the tables. Runs once the services run.
     func start() async throws {
+        await topology.refresh()
         try await createTables()
     }
 

@@ -144,12 +144,13 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     }
 
     /// Queues a waiter (after ``lease(now:)`` answered ``LeaseAction/wait``). Checks the idle
-    /// connections again: one may have come back in between.
-    mutating func wait(id: Int, waiter: Waiter, now: Instant) -> WaitAction {
+    /// connections again: one may have come back in between. The waiter fails
+    /// ``Configuration/leaseTimeout`` after `arrived` (when the lease began; `now` by default).
+    mutating func wait(id: Int, waiter: Waiter, now: Instant, arrived: Instant? = nil) -> WaitAction {
         if isShutDown { return .fail(.shutdown) }
         if let connection = takeIdle() { return .handOut(connection) }
         if let failure = failFast(now: now) { return .fail(failure) }
-        pending.append(Pending(id: id, waiter: waiter, deadline: now.advanced(by: configuration.leaseTimeout)))
+        pending.append(Pending(id: id, waiter: waiter, deadline: (arrived ?? now).advanced(by: configuration.leaseTimeout)))
         let connect = startConnectIfNeeded(now: now)
         return .queued(connect: connect, startTimer: startTimer())
     }

@@ -112,7 +112,8 @@ final class PostgresConnectionPool: Sendable {
     ///   connecting failed, when none came within the lease timeout, or after shutdown;
     ///   `CancellationError` when the task was cancelled while waiting.
     func lease() async throws -> PostgresConnection {
-        if !state.withLock({ $0.running || $0.machine.isShutDown }) { try await waitUntilRunning() }
+        let arrived = ContinuousClock.now  // one lease timeout, whatever waited for run() first
+        if !state.withLock({ $0.running || $0.machine.isShutDown }) { try await waitUntilRunning(since: arrived) }
         let (first, id) = state.withLock { state in
             state.nextID &+= 1
             return (state.machine.lease(now: .now), state.nextID)
@@ -124,7 +125,7 @@ final class PostgresConnectionPool: Sendable {
         }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (waiter: Waiter) in
-                let action = state.withLock { $0.machine.wait(id: id, waiter: waiter, now: .now) }
+                let action = state.withLock { $0.machine.wait(id: id, waiter: waiter, now: .now, arrived: arrived) }
                 switch action {
                 case .handOut(let connection):
                     waiter.resume(returning: connection)
@@ -146,8 +147,7 @@ final class PostgresConnectionPool: Sendable {
     /// the connect's service runs, and on a busy machine that moment can be long. Logs a
     /// warning after ``runStartGrace``, then fails with `DBError.Code.notRunning` at the lease
     /// timeout. Polls: only a lease in that moment, or on an engine nothing runs, waits here.
-    private func waitUntilRunning() async throws {
-        let started = ContinuousClock.now
+    private func waitUntilRunning(since started: ContinuousClock.Instant) async throws {
         var warned = false
         var pause = Duration.milliseconds(1)
         while !state.withLock({ $0.running || $0.machine.isShutDown }) {

@@ -226,7 +226,7 @@ public final class PostgresEngine: DatabaseEngine {
     public func execute(_ statement: DBControlStatement, on connection: PostgresConnection) async throws -> DBControlResult {
         guard statement == .commit else {
             _ = try await query(PostgresQuery(unsafeSQL: statement.postgresSQL), on: connection, logger: logger)
-            return .none
+            return .empty
         }
         let wrote = capturesCommitLSN
             ? try await query(Self.wroteQuery, on: connection, logger: logger).first?.decode(Bool.self) ?? false
@@ -248,16 +248,16 @@ public final class PostgresEngine: DatabaseEngine {
                 host: endpoint.description
             )
         }
-        guard wrote else { return .none }
+        guard wrote else { return .empty }
         // After COMMIT: the commit record is before this position, so a replica that replayed
         // up to it sees the transaction.
         do {
             let text = try await query(Self.positionQuery, on: connection, logger: logger).first?.decode(String.self)
-            guard let text, let position = PostgresLSN(text) else { return .none }
+            guard let text, let position = PostgresLSN(text) else { return .empty }
             return DBControlResult(consistencyToken: position.description)
         } catch {
             logger.warning("committed, but could not read the WAL position for read-your-own-writes", metadata: ["error": "\(String(reflecting: error))"])
-            return .none
+            return .empty
         }
     }
 
@@ -346,13 +346,15 @@ public final class PostgresEngine: DatabaseEngine {
     private static let positionQuery: PostgresQuery = "SELECT pg_current_wal_lsn()::text"
 
     /// Runs the engine's background work — opening connections, closing idle ones after a
-    /// minute, timing out leases — until ``shutdown()``; cancelling the task shuts the engine
-    /// down. A ``DBConnect`` runs the engines it creates (in `DBConnect.run()`); call it yourself,
+    /// minute, timing out leases — until ``shutdown()``; cancelling the task, or a graceful
+    /// shutdown of its `ServiceGroup`, shuts the engine down. A `DBConnect` runs the engines it creates (in `DBConnect.run()`); call it yourself,
     /// in a task of your own, for an engine you made. Until it runs, leases wait for it (a
     /// warning is logged after a second), and fail with `DBError.Code.notRunning` at
     /// ``leaseTimeout``.
     public func run() async {
-        await pool.run()
+        // Also as a service of its own (a ServiceGroup): a graceful shutdown ends it.
+        await cancelWhenGracefulShutdown { await self.pool.run() }
+        await shutdown()
     }
 
     /// Waits until no session holds a connection of this engine, then shuts it down — for a

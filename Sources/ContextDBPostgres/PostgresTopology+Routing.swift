@@ -18,7 +18,7 @@ extension PostgresTopology {
     /// It follows promotion: after a failover the new primary is used as soon as a probe has
     /// seen it (within ``Configuration/probeInterval`` plus one probe), without a restart, and
     /// the engines of hosts that stopped being the primary are drained — closed once their
-    /// sessions have given their connections back (``DBHostChoice/retiresOtherHosts``). Right after start-up, before every host has
+    /// sessions have given their connections back (`DBHostChoice.retiresOtherHosts`). Right after start-up, before every host has
     /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
     /// A session it cannot route fails with `DBError.Code.noHostAvailable`, logged
     /// at warning level.
@@ -38,6 +38,12 @@ extension PostgresTopology {
                 throw error
             }
             let host = primary.endpoint.description
+            let former = connect.engineHosts.filter { $0 != host }
+            if !former.isEmpty {
+                logger.info("the connect drains the engines of former primaries", metadata: [
+                    "db.connect": "\(connect.label)", "db.hosts": "\(former.joined(separator: ","))", "db.primary": "\(host)",
+                ])
+            }
             logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
             return DBHostChoice(host, retiresOtherHosts: true, onLeaseFailure: markSuspect)
         }
@@ -48,7 +54,7 @@ extension PostgresTopology {
     /// A replica is fit when it is healthy, its WAL receiver is streaming (a replica that lost
     /// its primary serves no token-less read), it lags at most `maximumLagBytes` and `maximumLag`
     /// (see ``PostgresTopology/HostStatus/unfitReason(maximumLagBytes:maximumLag:)``), and — when
-    /// the request carries a read-your-own-writes position (``DBHostRequest/consistencyToken``)
+    /// the request carries a read-your-own-writes position (`DBHostRequest.consistencyToken`)
     /// — has replayed up to it. When no replica is fit for that position, the hook re-probes the
     /// replicas for up to `readYourWritesWait`; then it uses the primary. The fit replicas,
     /// ordered by `policy`, then the primary (with `fallbackToPrimary`) are the session's

@@ -105,13 +105,13 @@ enum DocCSnippets {
     var app: some ApplicationProtocol { Application(router: Router()) }
 
     @Test(.disabled("compiled, not run: the article's snippet")) func createsAnItem() async throws {
-        try await withTransactionalTest(db.primary, replicas: [db.replica]) {
-            try await app.test(.router) { client in
+        try await app.test(.router) { client in               // runs the app's services: its connects
+            try await withTransactionalTest(db.primary, replicas: [db.replica]) {
                 try await client.execute(uri: "/items", method: .post, body: body) { #expect($0.status == .created) }
-            }
-            let count = try await db.primary.session().queryValue("SELECT count(*)::int FROM items", as: Int.self)
-            #expect(count == 1)
-        }   // rolled back
+                let count = try await db.primary.session().queryValue("SELECT count(*)::int FROM items", as: Int.self)
+                #expect(count == 1)
+            }   // rolled back
+        }
     }
 }
 

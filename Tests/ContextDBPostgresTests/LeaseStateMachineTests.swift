@@ -194,6 +194,18 @@ import Testing
         #expect(tick.reason as? ConnectError == ConnectError(reason: "too many clients"))
     }
 
+    @Test func aWaiterTimesOutOneLeaseTimeoutAfterItsLeaseArrivedNotAfterItQueued() {
+        var machine = machine(maximum: 1)
+        _ = leased(&machine)
+        guard case .wait = machine.lease(now: .seconds(5)),
+              case .queued = machine.wait(id: 2, waiter: 2, now: .seconds(5), arrived: .seconds(1)) else {
+            Issue.record("expected the waiter to be queued")
+            return
+        }
+        #expect(machine.tick(now: .seconds(30.9)).expired.isEmpty)
+        #expect(machine.tick(now: .seconds(31)).expired == [2], "arrived at 1 s: 30 s later, not 35 s")
+    }
+
     @Test func aWaiterFailsAtTheLeaseTimeout() {
         var machine = machine(maximum: 1)
         _ = leased(&machine)

@@ -27,6 +27,34 @@ import TestSupport
         }
     }
 
+    @Test func aConnectRunsAgainAfterItsRunReturned() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(database: database)
+        for round in 1...2 {
+            try await withRunningServices([connect]) {
+                try await withDBContext { try await connect.session().execute("INSERT") }
+                try await eventually("round \(round): the new engine runs") { database.enginesRunning == ["db1"] }
+            }
+            #expect(database.enginesRunning.isEmpty)
+        }
+        #expect(database.enginesShutDown == ["db1", "db1"], "each run closed its engine")
+    }
+
+    @Test func anEngineRetiredWhileNothingRunsIsDrainedByTheNextRun() async throws {
+        let database = FakeDatabase()
+        let primary = Mutex("db1")
+        let connect = DBConnect.fake(host: nil, database: database, chooseHost: { _ in
+            DBHostChoice(primary.withLock { $0 }, retiresOtherHosts: true)
+        })
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        primary.withLock { $0 = "db2" }
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        #expect(database.enginesShutDown.isEmpty)
+        try await withRunningServices([connect]) {
+            try await eventually("db1's engine is drained") { database.enginesShutDown == ["db1"] }
+        }
+    }
+
     @Test func aSecondRunIsAClearError() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(database: database)

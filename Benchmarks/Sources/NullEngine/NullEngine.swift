@@ -10,6 +10,6 @@ public struct NullEngine: DatabaseEngine {
 
     public func leaseConnection() async throws -> Connection { Connection() }
     public func releaseConnection(_ connection: Connection, reusable: Bool) async {}
-    public func execute(_ statement: DBControlStatement, on connection: Connection) async throws -> DBControlResult { .none }
+    public func execute(_ statement: DBControlStatement, on connection: Connection) async throws -> DBControlResult { .empty }
     public func shutdown() async {}
 }
