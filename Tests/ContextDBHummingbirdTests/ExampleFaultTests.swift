@@ -19,9 +19,7 @@ struct ExampleFaultTests {
     /// The example's URL as a role of the test's own, whose sessions the server ends after
     /// `idle_in_transaction_session_timeout`, set on the role — other tests are untouched.
     static var url: String {
-        let user = ExampleHarness.environment["POSTGRES_USER"] ?? "contextdb"
-        let password = ExampleHarness.environment["POSTGRES_PASSWORD"] ?? "contextdb"
-        return ExampleHarness.databaseURL.replacingOccurrences(of: "\(user):\(password)@", with: "\(role):\(role)@")
+        ExampleHarness.databaseURL.replacingOccurrences(of: "\(TestCluster.user):\(TestCluster.password)@", with: "\(role):\(role)@")
     }
 
     private func setIdleTimeout(_ value: String?) async throws {

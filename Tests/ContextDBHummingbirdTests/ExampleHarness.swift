@@ -17,28 +17,15 @@ enum ExampleTests {}
 
 /// Builds the example app on the test cluster, with empty tables, and counts what it left.
 enum ExampleHarness {
-    static let environment = ProcessInfo.processInfo.environment
     static let applicationName = "contextdb-example-test"
 
-    static var isAvailable: Bool { environment["POSTGRES_PORT"] != nil || environment["CI"] == "true" }
-
-    static var primaryEndpoint: String {
-        "\(environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1"):\(environment["POSTGRES_PORT"] ?? "5432")"
-    }
-
-    static var replicaEndpoints: [String] {
-        let host = environment["POSTGRES_REPLICA_HOSTNAME"] ?? "127.0.0.1"
-        let ports = environment["POSTGRES_REPLICA_PORTS"] ?? environment["POSTGRES_REPLICA_PORT"] ?? "5433"
-        return ports.split(separator: ",").map { "\(host):\($0)" }
-    }
+    static var isAvailable: Bool { TestCluster.isAvailable }
+    static var primaryEndpoint: String { TestCluster.primaryEndpoint }
+    static var replicaEndpoints: [String] { TestCluster.replicaEndpoints }
 
     /// `DATABASE_URL` as the example reads it: the primary first, then the replicas.
     static var databaseURL: String {
-        let user = environment["POSTGRES_USER"] ?? "contextdb"
-        let password = environment["POSTGRES_PASSWORD"] ?? "contextdb"
-        let database = environment["POSTGRES_DB"] ?? "contextdb"
-        let hosts = ([primaryEndpoint] + replicaEndpoints).joined(separator: ",")
-        return "postgresql://\(user):\(password)@\(hosts)/\(database)?sslmode=disable&application_name=\(applicationName)&connect_timeout=5"
+        TestCluster.clusterURL(query: "sslmode=disable&application_name=\(applicationName)&connect_timeout=5")
     }
 
     /// A connect of the test's own, for counting and resetting.

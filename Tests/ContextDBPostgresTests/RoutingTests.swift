@@ -10,12 +10,7 @@ import TestSupport
 /// or pauses a server.
 @Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(2)))
 struct RoutingTests {
-    static var clusterURL: String {
-        let ports = (ProcessInfo.processInfo.environment["POSTGRES_REPLICA_PORTS"] ?? "\(TestCluster.replicaPort)")
-            .split(separator: ",").map(String.init)
-        let hosts = (["\(TestCluster.host):\(TestCluster.port)"] + ports.map { "\(TestCluster.replicaHost):\($0)" })
-        return "postgresql://\(TestCluster.user):\(TestCluster.password)@\(hosts.joined(separator: ","))/\(TestCluster.database)?sslmode=disable"
-    }
+    static var clusterURL: String { TestCluster.clusterURL() }
 
     /// Right after start-up the snapshot is empty: a session created then waits for the first
     /// probe round instead of failing with an empty 500.

@@ -7,6 +7,7 @@ import Glibc
 #endif
 import Logging
 import Testing
+import TestSupport
 
 /// A cluster of a test's own, started with `scripts/pg-cluster.sh` on ports no other test
 /// uses, for tests that stop, promote or pause servers.

@@ -14,6 +14,15 @@ struct ServerFaultTests {
         try await session.queryValue("SELECT pg_backend_pid()", as: Int32.self)!
     }
 
+    /// The state of a backend in `pg_stat_activity` (`active`, `idle in transaction`, …), read
+    /// from another connection; `nil` once the backend is gone.
+    private func backendState(_ pid: Int32, through connect: DBConnect<PostgresEngine>) async throws -> String? {
+        try await connect.withSession { session in
+            try await session.query("SELECT coalesce(state, '') || ':' || query FROM pg_stat_activity WHERE pid = \(pid)")
+                .first?.decode(String.self)
+        }
+    }
+
     /// Ends a backend from another connection, and waits until it is gone.
     private func terminate(_ pid: Int32, through connect: DBConnect<PostgresEngine>) async throws {
         try await connect.withSession { session in
@@ -86,9 +95,12 @@ struct ServerFaultTests {
                 try await withDBContext {
                     let session = try await fixture.primary.session()
                     try await fixture.insert(session, "timed out")
+                    let pid = try await backendPID(session)
                     // Armed when the backend next goes idle: right after this statement.
                     try await session.execute("SET idle_in_transaction_session_timeout = '50ms'")
-                    try await Task.sleep(for: .milliseconds(500))  // the server ends the backend (25P03)
+                    try await eventually("the server ends the backend (25P03)") {
+                        try await backendState(pid, through: fixture.primary) == nil
+                    }
                     await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
                 }
             }
@@ -104,7 +116,9 @@ struct ServerFaultTests {
                 let session = try await fixture.primary.session()
                 let pid = try await backendPID(session)
                 async let killed: Void = {
-                    try await Task.sleep(for: .milliseconds(300))
+                    try await eventually("the statement runs") {
+                        try await backendState(pid, through: fixture.primary)?.hasPrefix("active:SELECT pg_sleep") == true
+                    }
                     try await terminate(pid, through: fixture.primary)
                 }()
                 let lost = await expectDBError(.connectionLost) { try await session.execute("SELECT pg_sleep(30)") }

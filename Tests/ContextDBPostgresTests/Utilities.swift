@@ -6,33 +6,6 @@ import PostgresNIO
 import Testing
 import TestSupport
 
-/// The test cluster, from the `POSTGRES_*` variables `scripts/test.sh` exports
-/// (`scripts/pg-cluster.sh env` prints them).
-enum TestCluster {
-    static let environment = ProcessInfo.processInfo.environment
-
-    static var host: String { environment["POSTGRES_HOSTNAME"] ?? "127.0.0.1" }
-    static var port: Int { environment["POSTGRES_PORT"].flatMap(Int.init) ?? 5432 }
-    static var user: String { environment["POSTGRES_USER"] ?? "contextdb" }
-    static var password: String { environment["POSTGRES_PASSWORD"] ?? "contextdb" }
-    static var database: String { environment["POSTGRES_DB"] ?? "contextdb" }
-    static var replicaHost: String { environment["POSTGRES_REPLICA_HOSTNAME"] ?? host }
-    static var replicaPort: Int { environment["POSTGRES_REPLICA_PORT"].flatMap(Int.init) ?? port + 1 }
-
-    /// Run the integration tests when a cluster is configured, and always in CI, where an
-    /// unreachable database must fail the run rather than skip it.
-    static var isAvailable: Bool { environment["POSTGRES_PORT"] != nil || environment["CI"] == "true" }
-
-    static func url(host: String? = nil, port: Int? = nil, user: String? = nil, password: String? = nil,
-                    database: String? = nil, query: String = "sslmode=disable") -> String {
-        let credentials = "\(user ?? self.user):\(password ?? self.password)"
-        return "postgresql://\(credentials)@\(host ?? self.host):\(port ?? self.port)/\(database ?? self.database)?\(query)"
-    }
-
-    static var primaryURL: String { url() }
-    static var replicaURL: String { url(host: replicaHost, port: replicaPort) }
-}
-
 /// A primary and a replica connect plus a table of the test's own (`example_<random>`), so
 /// tests can run in parallel and count rows without seeing each other's.
 struct Fixture {

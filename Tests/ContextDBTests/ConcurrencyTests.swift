@@ -99,7 +99,7 @@ import TestSupport
                 }
             }
         }
-        while database.log.filter({ $0.hasSuffix("INSERT") }).count < 200 { await Task.yield() }
+        try await eventually("every request inserted its row") { database.log.filter { $0.hasSuffix("INSERT") }.count == 200 }
         for request in requests { request.cancel() }
         for request in requests { _ = try? await request.value }
         #expect(database.leasedCount == 0)
