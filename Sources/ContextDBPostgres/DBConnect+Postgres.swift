@@ -87,6 +87,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///     ``PostgresEngine/resetsSessionState``). Default `true`.
     ///   - statementCacheSize: How many statements each connection prepares and reuses (see
     ///     ``PostgresEngine/statementCacheSize``); `0` behind a pooler in transaction mode. Default 100.
+    ///   - readYourWrites: Record the WAL position of each committed write in the request
+    ///     context, so replica routing can wait for it (see ``PostgresEngine/capturesCommitLSN``).
     ///   - logger: Where engines log.
     ///   - beforeCreateSession: Runs before each session is created; may choose the host with
     ///     `DBConnect.changeHost(_:)` (the Python original's way).
@@ -100,6 +102,7 @@ extension DBConnect where Engine == PostgresEngine {
         statementTimeout: Duration? = nil,
         resetsSessionState: Bool = true,
         statementCacheSize: Int = 100,
+        readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil,
         chooseHost: ChooseHost? = nil
@@ -117,7 +120,8 @@ extension DBConnect where Engine == PostgresEngine {
             moved.options = configuration.options
             return PostgresEngine(
                 configuration: moved, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
-                resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize, logger: logger
+                resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize,
+                capturesCommitLSN: readYourWrites, logger: logger
             )
         }
     }

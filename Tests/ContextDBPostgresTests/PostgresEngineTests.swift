@@ -91,4 +91,23 @@ struct PostgresEngineTests {
         await connect.close()
         #expect(port == TestCluster.replicaPort)
     }
+
+    /// Both initializers offer read-your-own-writes: a write committed through a connect made
+    /// from PostgresNIO's configuration records its WAL position in the request context.
+    @Test func aConfigurationConnectRecordsTheCommitPositionForReadYourWrites() async throws {
+        var configuration = PostgresClient.Configuration(
+            host: TestCluster.host, port: TestCluster.port, username: TestCluster.user,
+            password: TestCluster.password, database: TestCluster.database, tls: .disable
+        )
+        configuration.options.maximumConnections = 2
+        let connect = running(DBConnect(configuration: configuration, readYourWrites: true))
+        let token = try await withDBContext {
+            try await connect.session().execute("CREATE TEMPORARY TABLE written (id int)")
+            try await connect.session().execute("INSERT INTO written VALUES (1)")
+            try await connect.commit()
+            return DBContext.current?.consistencyToken
+        }
+        await connect.close()
+        #expect(token.flatMap(PostgresLSN.init) != nil, "a WAL position: \(token ?? "none")")
+    }
 }
