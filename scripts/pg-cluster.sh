@@ -178,6 +178,10 @@ CONF
 cmd_start() {
     ensure_postgres
     ensure_os_user
+    # Never touch a cluster that already runs in this folder (another run's, or yours).
+    if [ -f "$PG_CLUSTER_DIR/primary/postmaster.pid" ] && as_user "$BIN/pg_ctl" -D "$PG_CLUSTER_DIR/primary" status >/dev/null 2>&1; then
+        die "a cluster already runs in $PG_CLUSTER_DIR; stop it first, or set PG_CLUSTER_DIR"
+    fi
     init_primary
     start_server "$PG_CLUSTER_DIR/primary"
     local n

@@ -12,6 +12,10 @@ root=$(pwd)
 export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-26432}
 export PG_REPLICA_PORT=${PG_REPLICA_PORT:-26433}
 export PG_REPLICAS=${PG_REPLICAS:-2}
+# A data folder of this run's own, always: one inherited from `pg-cluster.sh env` may hold a
+# developer's running cluster, which this script's cleanup must never stop.
+PG_CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/contextdb-test-XXXXXX")
+export PG_CLUSTER_DIR
 
 log=$(mktemp)
 cleanup() {
