@@ -1,3 +1,4 @@
+import CoreMetrics
 import Synchronization
 
 /// One logical database — "primary", "replica" — and the engines that reach it, one per host.
@@ -30,6 +31,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     public let label: String
     /// How this connect's sessions open their transactions.
     public let options: DBSessionOptions
+    /// Where this connect reports its metrics and spans.
+    public let instrumentation: DBInstrumentation
 
     /// The host hook: `chooseHost`, or `beforeCreateSession` wrapped to return its choice.
     let chooseHost: ChooseHost?
@@ -48,6 +51,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         var runner: AsyncStream<EngineJob>.Continuation?
         /// Engines retired while nothing ran: the next ``run()`` drains them.
         var pendingDrains: [Engine] = []
+        /// The metrics and tracer of each host, made on its first lease.
+        var instruments: [String: DBHostInstruments] = [:]
     }
 
     let state: Mutex<State>
@@ -60,6 +65,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     ///   - beforeCreateSession: Runs before every session creation; may call ``changeHost(_:)``.
     ///   - chooseHost: Runs before every session creation and returns its host. Pass it or
     ///     `beforeCreateSession`, not both.
+    ///   - instrumentation: Where metrics and spans go. Default: the process-wide backends.
     ///   - normalizeHost: The canonical spelling of a host, so that one server is one host for
     ///     engines and routing (`db1` and `db1:5432` are the same server); throws for a malformed
     ///     host. Engine modules pass it; `nil` (the default) keeps hosts as given.
@@ -70,12 +76,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         options: DBSessionOptions = DBSessionOptions(),
         beforeCreateSession: BeforeCreateSession? = nil,
         chooseHost: ChooseHost? = nil,
+        instrumentation: DBInstrumentation = DBInstrumentation(),
         normalizeHost: (@Sendable (_ host: String) throws -> String)? = nil,
         engine: @escaping @Sendable (_ host: String) async throws -> Engine
     ) {
         precondition(beforeCreateSession == nil || chooseHost == nil, "pass beforeCreateSession or chooseHost, not both")
         self.label = label
         self.options = options
+        self.instrumentation = instrumentation
         self.chooseHost = chooseHost ?? beforeCreateSession.map(HostSelection.choosing(by:))
         self.normalizeHost = normalizeHost
         self.makeEngine = engine
@@ -191,6 +199,27 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
             return (retired, state.runner)
         }
         for engine in retired { runner?.yield(.drain(engine)) }
+    }
+
+    /// The metrics and tracer for `host`, made on first use and kept.
+    func instruments(for host: String, engine: Engine) -> DBHostInstruments {
+        if let made = state.withLock({ $0.instruments[host] }) { return made }
+        let made = DBHostInstruments(
+            instrumentation: instrumentation, label: label, host: host, systemName: Engine.systemName, namespace: engine.namespace
+        )
+        return state.withLock { state in
+            if let existing = state.instruments[host] { return existing }
+            state.instruments[host] = made
+            return made
+        }
+    }
+
+    /// Counts a session that moved on from `host` because its first lease failed there.
+    func countFailover(from host: String) {
+        let instruments = state.withLock { $0.instruments[host] } ?? DBHostInstruments(
+            instrumentation: instrumentation, label: label, host: host, systemName: Engine.systemName, namespace: nil
+        )
+        instruments.failovers.increment()
     }
 
     /// Shuts down every engine. A later session creates its engine again, lazily.

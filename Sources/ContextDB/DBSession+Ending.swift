@@ -19,7 +19,7 @@ extension DBSession {
         case .idle, .connected:
             await leave()
         case .lost(let lost):
-            endTransaction()
+            endTransaction(.commitFailed, error: lost.error)
             await leave()
             throw DBError(
                 .commitFailed,
@@ -29,18 +29,18 @@ extension DBSession {
         case .inTransaction(let lease, let savepoint):
             let lease = Self.lease(lease)
             do {
-                let result = try await lease.engine.execute(mode.commit(savepoint: savepoint), on: lease.connection)
+                let result = try await execute(mode.commit(savepoint: savepoint), on: lease)
                 if let token = result.consistencyToken { consistency?.advance(to: token, latest: Engine.latestConsistencyToken) }
-                endTransaction()
+                endTransaction(.commit)
                 await leave()
             } catch let error as DBError where error.code == .commitFailed {
                 // The server ended the transaction without committing it: nothing to roll back.
-                endTransaction()
+                endTransaction(.commitFailed, error: error)
                 await leave()
                 throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
             } catch let error as DBError where error.code == .commitOutcomeUnknown || Self.isLost(lease, after: error) {
                 await connectionLost(error)
-                endTransaction()
+                endTransaction(.commitFailed, error: error)  // also when the outcome is unknown
                 await leave()
                 if error.code == .commitOutcomeUnknown {
                     throw DBError(.commitOutcomeUnknown, error.message, connect: connect.label, host: host, underlying: error.underlying)
@@ -54,9 +54,9 @@ extension DBSession {
                 // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.
                 do {
                     try await runRollback(lease, savepoint: savepoint)
-                    endTransaction()
+                    endTransaction(.commitFailed, error: error)
                 } catch {
-                    await dropConnection(lease)
+                    await dropConnection(lease, .commitFailed, error: error)
                 }
                 await leave()
                 throw DBError(
@@ -79,21 +79,21 @@ extension DBSession {
         case .idle, .connected:
             await leave()
         case .lost:
-            endTransaction()
+            endTransaction(.rollback)
             await leave()
         case .inTransaction(let lease, let savepoint):
             let lease = Self.lease(lease)
             do {
                 try await runRollback(lease, savepoint: savepoint)
-                endTransaction()
+                endTransaction(.rollback)
                 await leave()
             } catch where Self.isLost(lease, after: error) {
                 // The server rolls back the transaction of a connection that ends.
                 await connectionLost(lostError(error))
-                endTransaction()
+                endTransaction(.rollback)
                 await leave()
             } catch {
-                await dropConnection(lease)
+                await dropConnection(lease, .rollback, error: error)
                 await leave()
                 throw error
             }
@@ -111,19 +111,21 @@ extension DBSession {
             try? await rollback()  // a failed rollback already forgot the transaction
             return
         }
-        let lease = state.withLock { state -> DBLease<Engine>? in
+        let (lease, lostEnded) = state.withLock { state -> (DBLease<Engine>?, Bool) in
             liveness.close()
             if state.busy {
                 state.releaseWhenIdle = true
-                return nil
+                return (nil, false)
             }
             guard let lease = state.phase.lease else {
-                state.phase = .idle  // a transaction lost with its connection: nothing to release
-                return nil
+                // A transaction lost with its connection: nothing to release, the server rolled back.
+                defer { state.phase = .idle }
+                return (nil, state.phase.hasTransaction)
             }
             state.busy = true
-            return Self.lease(lease)
+            return (Self.lease(lease), false)
         }
+        if lostEnded { transactionEnded(.rollback) }
         guard let lease else { return }
         await finalRelease(lease)
         state.withLock { $0.busy = false }
@@ -137,28 +139,34 @@ extension DBSession {
         }
         var reusable = true
         if inTransaction {
-            do { _ = try await lease.engine.execute(.rollback, on: lease.connection) } catch { reusable = false }
+            do { try await execute(.rollback, on: lease) } catch { reusable = false }
+            transactionEnded(.rollback)
         }
-        await lease.engine.releaseConnection(lease.connection, reusable: reusable)
+        await lease.release(reusable: reusable)
     }
 
-    /// Forgets the open transaction (committed, rolled back, or lost with its connection).
-    private func endTransaction() {
+    /// Forgets the open transaction (committed, rolled back, or lost with its connection), and
+    /// counts and ends its span with `outcome`.
+    private func endTransaction(_ outcome: DBTransactionOutcome, error: (any Error)? = nil) {
         state.withLock { $0.phase = mode.phase(afterEnding: $0.phase) }
+        transactionEnded(outcome, error: error)
     }
 
     /// Runs the mode's rollback statements.
     nonisolated(nonsending) private func runRollback(_ lease: DBLease<Engine>, savepoint: String?) async throws {
         for statement in mode.rollback(savepoint: savepoint) {
-            _ = try await lease.engine.execute(statement, on: lease.connection)
+            try await execute(statement, on: lease)
         }
     }
 
     /// After a rollback failed: the transaction is forgotten and an owned connection, in an
     /// unknown state, is closed instead of pooled.
-    nonisolated(nonsending) private func dropConnection(_ lease: DBLease<Engine>) async {
-        guard mode.ownsConnection else { return endTransaction() }
+    nonisolated(nonsending) private func dropConnection(
+        _ lease: DBLease<Engine>, _ outcome: DBTransactionOutcome, error: any Error
+    ) async {
+        guard mode.ownsConnection else { return endTransaction(outcome, error: error) }
         state.withLock { $0.phase = .idle }
-        await lease.engine.releaseConnection(lease.connection, reusable: false)
+        transactionEnded(outcome, error: error)
+        await lease.release(reusable: false)
     }
 }

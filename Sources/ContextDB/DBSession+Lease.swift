@@ -1,4 +1,5 @@
 import Synchronization
+import Tracing
 
 /// Leasing a connection, opening transactions, and what a failure leaves behind.
 extension DBSession {
@@ -34,17 +35,19 @@ extension DBSession {
             shared.unlock()
             return
         }
-        let release = state.withLock { state -> DBLease<Engine>? in
+        let (release, lostEnded) = state.withLock { state -> (DBLease<Engine>?, Bool) in
             state.busy = false
-            guard state.releaseWhenIdle else { return nil }
+            guard state.releaseWhenIdle else { return (nil, false) }
             state.releaseWhenIdle = false
             guard let lease = state.phase.lease else {
-                state.phase = .idle  // closed while its connection was lost: nothing to release
-                return nil
+                // Closed while its connection was lost: nothing to release, the server rolled back.
+                defer { state.phase = .idle }
+                return (nil, state.phase.hasTransaction)
             }
-            return Self.lease(lease)
+            return (Self.lease(lease), false)
         }
         if let release { await finalRelease(release) }
+        if lostEnded { transactionEnded(.rollback) }
     }
 
     /// After a statement failed: discards a dead connection, then leaves.
@@ -80,7 +83,7 @@ extension DBSession {
             guard mode.ownsConnection else { return nil }  // the borrowed connection is not ours to close
             return lease.map(Self.lease)
         }
-        if let release { await release.engine.releaseConnection(release.connection, reusable: false) }
+        if let release { await release.release(reusable: false) }
     }
 
     /// Leases a connection if needed and begins a transaction if none is open. Runs inside
@@ -114,15 +117,82 @@ extension DBSession {
     /// state, is closed rather than pooled.
     nonisolated(nonsending) func begin(_ lease: DBLease<Engine>) async throws {
         let (statement, savepoint) = mode.begin(connect.options)
+        let span = lease.instruments.startSpan("transaction")
         do {
-            _ = try await lease.engine.execute(statement, on: lease.connection)
-            state.withLock { $0.phase = .inTransaction(lease, savepoint: savepoint) }
+            try await execute(statement, on: lease)
+            let trace = DBTransactionTrace(span: span, instruments: lease.instruments)
+            state.withLock {
+                $0.phase = .inTransaction(lease, savepoint: savepoint)
+                $0.trace = trace
+            }
         } catch {
+            span.recordError(error)
+            span.setStatus(SpanStatus(code: .error))
+            span.end()
             guard mode.ownsConnection else { throw error }  // the borrowed connection is not ours to close
             state.withLock { $0.phase = .idle }
-            await lease.engine.releaseConnection(lease.connection, reusable: false)
+            await lease.release(reusable: false)
             throw error
         }
+    }
+
+    /// Runs a control statement, timed as ``DBMetricName/operationDuration``.
+    @discardableResult
+    nonisolated(nonsending) func execute(_ statement: DBControlStatement, on lease: DBLease<Engine>) async throws -> DBControlResult {
+        let started = ContinuousClock.now
+        do {
+            let result = try await lease.engine.execute(statement, on: lease.connection)
+            lease.instruments.recordOperation(statement.operationName, since: started)
+            return result
+        } catch {
+            lease.instruments.recordOperation(statement.operationName, since: started, error: error)
+            throw error
+        }
+    }
+
+    /// Times a statement an engine module runs as ``DBMetricName/operationDuration`` (with
+    /// `db.operation.name`, and `error.type` when it fails) and, when the connect traces
+    /// statements (``DBInstrumentation/tracesStatements``), runs it in a span named after the
+    /// operation — with the statement's text only when ``DBInstrumentation/recordsStatementText``
+    /// says so, never its bound values. Call it inside `withLeasedConnection`.
+    /// - Parameters:
+    ///   - operationName: The statement's `db.operation.name`, such as `SELECT`.
+    ///   - text: The statement's text, read only when it is recorded.
+    ///   - body: Runs the statement.
+    /// - Returns: What `body` returns.
+    /// - Throws: What `body` throws.
+    package nonisolated(nonsending) func instrumentStatement<R>(
+        _ operationName: String, text: () -> String, _ body: () async throws -> R
+    ) async throws -> R {
+        guard let instruments = state.withLock({ $0.phase.lease.map(Self.lease)?.instruments }) else { return try await body() }
+        var span: (any Span)?
+        if instruments.tracesStatements {
+            let started = instruments.startSpan(operationName)
+            started.attributes["db.operation.name"] = operationName
+            if instruments.recordsStatementText { started.attributes["db.query.text"] = text() }
+            span = started
+        }
+        let started = ContinuousClock.now
+        do {
+            let result = try await body()
+            instruments.recordOperation(operationName, since: started)
+            span?.end()
+            return result
+        } catch {
+            instruments.recordOperation(operationName, since: started, error: error)
+            span?.recordError(error)
+            span?.setStatus(SpanStatus(code: .error))
+            span?.end()
+            throw error
+        }
+    }
+
+    /// Ends the open transaction's span and counts it, once the session knows how it ended.
+    func transactionEnded(_ outcome: DBTransactionOutcome, error: (any Error)? = nil) {
+        state.withLock { state in
+            defer { state.trace = nil }
+            return state.trace
+        }?.finish(outcome, error: error)
     }
 
     /// Leases a connection and begins a transaction. Until the session has had a connection, a
@@ -150,6 +220,7 @@ extension DBSession {
                     )
                     onLeaseFailure?(host, failure)
                     failures.append((host, error))
+                    if host != hosts.last { connect.countFailover(from: host) }  // the next host is tried
                     break
                 }
             }
@@ -168,9 +239,13 @@ extension DBSession {
     nonisolated(nonsending) private func lease(on host: String) async throws -> DBLease<Engine> {
         let engine: Engine
         let connection: Engine.Connection
+        let instruments: DBHostInstruments
         do {
             engine = try await connect.engine(for: host)
+            instruments = connect.instruments(for: host, engine: engine)
+            let started = ContinuousClock.now
             connection = try await engine.leaseConnection()
+            instruments.waitTime.record(duration: started.duration(to: .now))
         } catch let error as DBError {
             throw error
         } catch is CancellationError {
@@ -182,7 +257,7 @@ extension DBSession {
                 connect: connect.label, host: host, underlying: error
             )
         }
-        let lease = DBLease(engine, connection)
+        let lease = DBLease(engine, connection, instruments: instruments)
         state.withLock {
             $0.host = host
             $0.phase = .connected(lease)

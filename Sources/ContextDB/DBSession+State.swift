@@ -1,4 +1,5 @@
 import Synchronization
+import Tracing
 
 // A session's state, as types outside the generic `DBSession`: reading them costs no
 // type-metadata lookup in the session's unspecialized code.
@@ -44,6 +45,31 @@ struct DBSessionState: Sendable {
     var busy = false
     /// `close()` ran while a statement was running: the running operation releases.
     var releaseWhenIdle = false
+    /// The open transaction's span and metrics, from `BEGIN` until the session learns how it
+    /// ended (also while it is `lost`).
+    var trace: DBTransactionTrace?
+}
+
+/// The span and metrics of one open transaction.
+final class DBTransactionTrace: Sendable {
+    let span: any Span
+    let instruments: DBHostInstruments
+
+    init(span: any Span, instruments: DBHostInstruments) {
+        self.span = span
+        self.instruments = instruments
+    }
+
+    /// Counts the transaction and ends its span.
+    func finish(_ outcome: DBTransactionOutcome, error: (any Error)? = nil) {
+        instruments.count(outcome)
+        span.attributes["contextdb.transaction.outcome"] = outcome.rawValue
+        if let error {
+            span.recordError(error)
+            span.setStatus(SpanStatus(code: .error))
+        }
+        span.end()
+    }
 }
 
 /// Why a session's open transaction was lost (see ``DBSessionPhase/lost(_:)``). Boxed, so the
@@ -59,10 +85,22 @@ final class DBLostTransaction: Sendable {
 final class DBLease<Engine: DatabaseEngine>: Sendable {
     let engine: Engine
     let connection: Engine.Connection
+    /// The connect's metrics and tracer for the lease's host.
+    let instruments: DBHostInstruments
+    /// When the connection was leased, for ``DBMetricName/connectionUseTime``.
+    let leasedAt: ContinuousClock.Instant
 
-    init(_ engine: Engine, _ connection: Engine.Connection) {
+    init(_ engine: Engine, _ connection: Engine.Connection, instruments: DBHostInstruments) {
         self.engine = engine
         self.connection = connection
+        self.instruments = instruments
+        self.leasedAt = .now
+    }
+
+    /// Gives the connection back to the engine and records how long it was held.
+    func release(reusable: Bool) async {
+        instruments.useTime.record(duration: leasedAt.duration(to: .now))
+        await engine.releaseConnection(connection, reusable: reusable)
     }
 }
 

@@ -66,7 +66,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     /// A savepoint session on `shared`'s connection (see ``withSavepointSessions(for:isolation:_:)``).
     init(connect: DBConnect<Engine>, shared: DBSharedConnection<Engine>, consistency: DBConsistencyRecord?) {
-        let lease = DBLease(shared.engine, shared.connection)
+        let lease = DBLease(
+            shared.engine, shared.connection, instruments: connect.instruments(for: shared.host, engine: shared.engine)
+        )
         self.connect = connect
         self.consistency = consistency
         self.candidates = [shared.host]

@@ -56,6 +56,14 @@ public protocol DatabaseEngine: Sendable {
     /// - Parameter connection: A connection this engine leased.
     func isConnectionUsable(_ connection: Connection) -> Bool
 
+    /// The database system, as OpenTelemetry's `db.system.name` names it (`"postgresql"`). The
+    /// default (in an extension) is `"other_sql"`.
+    static var systemName: String { get }
+
+    /// The database the engine's connections use, as OpenTelemetry's `db.namespace` (for
+    /// PostgreSQL, the database name); `nil` (the default, in an extension) when unknown.
+    var namespace: String? { get }
+
     /// Closes every connection and stops the pool. Called once; leases still out fail afterwards.
     /// Makes ``run()`` return.
     func shutdown() async
@@ -107,6 +115,21 @@ public enum DBControlStatement: Sendable, Hashable {
     case rollbackToSavepoint(String)
 }
 
+extension DBControlStatement {
+    /// The statement's `db.operation.name`: `BEGIN`, `COMMIT`, `ROLLBACK`, `SAVEPOINT`,
+    /// `RELEASE SAVEPOINT` or `ROLLBACK TO SAVEPOINT` (never a savepoint's name).
+    public var operationName: String {
+        switch self {
+        case .begin: return "BEGIN"
+        case .commit: return "COMMIT"
+        case .rollback: return "ROLLBACK"
+        case .savepoint: return "SAVEPOINT"
+        case .releaseSavepoint: return "RELEASE SAVEPOINT"
+        case .rollbackToSavepoint: return "ROLLBACK TO SAVEPOINT"
+        }
+    }
+}
+
 /// How a ``DBConnect``'s sessions open their transactions.
 public struct DBSessionOptions: Sendable, Hashable {
     /// Open every transaction `READ ONLY`: a write fails at once. Default `false`.
@@ -146,6 +169,12 @@ extension DatabaseEngine {
 
     /// Returns at once: no background work.
     public func run() async {}
+
+    /// `"other_sql"`, OpenTelemetry's name for an unlisted SQL database.
+    public static var systemName: String { "other_sql" }
+
+    /// `nil`: unknown.
+    public var namespace: String? { nil }
 
     /// Answers `new`: the position of the latest commit.
     public static func latestConsistencyToken(_ current: String?, _ new: String) -> String { new }

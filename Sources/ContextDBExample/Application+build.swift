@@ -2,19 +2,23 @@ import ContextDB
 import ContextDBHummingbird
 import Hummingbird
 import Logging
+import Prometheus
 
 /// Builds the example application on `database`: runs the topology and the two connects as
 /// services beside the server, and before the server starts probes the cluster and creates the
 /// tables.
 /// - Parameter configure: Adds routes of the caller's (tests) to the router.
+/// - Parameter metrics: The registry `GET /metrics` serves; `nil` for no such route.
 func buildApplication(
     database: ExampleDatabase,
     hostname: String = "127.0.0.1",
     port: Int = 8080,
+    metrics: PrometheusCollectorRegistry? = nil,
     logger: Logger = Logger(label: "ContextDBExample"),
     configure: (Router<BasicRequestContext>) -> Void = { _ in }
 ) async throws -> some ApplicationProtocol {
     let router = buildRouter(database: database)
+    if let metrics { MetricsRoutes(registry: metrics).add(to: router) }
     configure(router)
     var app = Application(
         router: router,

@@ -3,6 +3,8 @@ import ContextDBPostgres
 import Foundation
 import Hummingbird
 import Logging
+import Metrics
+import Prometheus
 
 /// The example server: every workflow of ContextDB behind HTTP routes.
 @main
@@ -17,7 +19,9 @@ struct ExampleCommand: AsyncParsableCommand {
             REPLICA_MAX_LAG_SECONDS (default 10) limit how far a replica may lag to serve a read \
             that carries no X-WAL-LSN token. Statements have a 5 s deadline. \
             READ_YOUR_WRITES=off turns read-your-own-writes off (on by default); \
-            RESET_SESSION_STATE=off skips resetting released connections (to measure its cost).
+            RESET_SESSION_STATE=off skips resetting released connections (to measure its cost). \
+            GET /metrics serves every metric in Prometheus' text format; METRICS=off records none \
+            (to measure their cost).
             """
     )
 
@@ -37,11 +41,20 @@ struct ExampleCommand: AsyncParsableCommand {
             ?? PostgresTopology.defaultMaximumLag
         let readYourWrites = environment["READ_YOUR_WRITES"] != "off"
         let resetsSessionState = environment["RESET_SESSION_STATE"] != "off"
+        // Metrics of the whole process (ContextDB's and Hummingbird's) go to one registry.
+        var registry: PrometheusCollectorRegistry?
+        if environment["METRICS"] != "off" {
+            let metrics = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(MetricsRoutes.factory(on: metrics))
+            registry = metrics
+        }
         let database = try ExampleDatabase(
             url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites,
             resetsSessionState: resetsSessionState, logger: logger
         )
-        let app = try await buildApplication(database: database, hostname: hostname, port: port, logger: logger)
+        let app = try await buildApplication(
+            database: database, hostname: hostname, port: port, metrics: registry, logger: logger
+        )
         try await app.runService()
     }
 }

@@ -35,6 +35,7 @@ struct ExampleDatabase: Sendable {
     ///     library's default); `false` to measure what the reset costs.
     ///   - readYourWrites: Record each write's WAL position so later reads wait for it (two more
     ///     round trips per committed write); `false` for the plain cost, as in the HTTP benchmark.
+    ///   - instrumentation: Where the connects' and the topology's metrics and spans go.
     init(
         url: String,
         maximumConnections: Int = 20,
@@ -43,21 +44,23 @@ struct ExampleDatabase: Sendable {
         readYourWrites: Bool = true,
         resetsSessionState: Bool = true,
         topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
+        instrumentation: DBInstrumentation = DBInstrumentation(),
         logger: Logger
     ) throws {
         self.maximumLagBytes = maximumLagBytes
         self.maximumLag = maximumLag
-        topology = try PostgresTopology(url: url, configuration: configuration, logger: logger)
+        topology = try PostgresTopology(url: url, configuration: configuration, logger: logger, instrumentation: instrumentation)
         primary = try DBConnect(
             label: "primary", url: url, maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
             statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, readYourWrites: readYourWrites,
-            logger: logger, chooseHost: topology.primaryHook()
+            logger: logger, chooseHost: topology.primaryHook(), instrumentation: instrumentation
         )
         replica = try DBConnect(
             label: "replica", url: url, options: DBSessionOptions(readOnly: true),
             maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
             statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, logger: logger,
-            chooseHost: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
+            chooseHost: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag),
+            instrumentation: instrumentation
         )
     }
 

@@ -34,6 +34,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///     `DBConnect.changeHost(_:)` (the Python original's way).
     ///   - chooseHost: Runs before each session is created and returns its host, such as
     ///     ``PostgresTopology/primaryHook()``. Pass it or `beforeCreateSession`, not both.
+    ///   - instrumentation: Where metrics and spans go (see `DBInstrumentation`). Default: the
+    ///     process-wide backends.
     /// - Throws: `DBError.Code.invalidConfiguration` or `DBError.Code.emptyHost` for a bad URI.
     public convenience init(
         label: String = "default",
@@ -47,7 +49,8 @@ extension DBConnect where Engine == PostgresEngine {
         readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil,
-        chooseHost: ChooseHost? = nil
+        chooseHost: ChooseHost? = nil,
+        instrumentation: DBInstrumentation = DBInstrumentation()
     ) throws {
         let parsed: PostgresURL
         do {
@@ -60,13 +63,13 @@ extension DBConnect where Engine == PostgresEngine {
         self.init(
             label: label, host: parsed.endpoints[0].description, options: options,
             beforeCreateSession: beforeCreateSession, chooseHost: chooseHost,
-            normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: defaultPort).description }
+            instrumentation: instrumentation, normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: defaultPort).description }
         ) { host in
             try PostgresEngine(
                 url: parsed, endpoint: PostgresEndpoint(parsing: host, defaultPort: parsed.endpoints[0].port),
                 maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
                 resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize,
-                capturesCommitLSN: readYourWrites, logger: logger
+                capturesCommitLSN: readYourWrites, instrumentation: instrumentation, poolName: label, logger: logger
             )
         }
     }
@@ -94,6 +97,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///     `DBConnect.changeHost(_:)` (the Python original's way).
     ///   - chooseHost: Runs before each session is created and returns its host, such as
     ///     ``PostgresTopology/primaryHook()``. Pass it or `beforeCreateSession`, not both.
+    ///   - instrumentation: Where metrics and spans go (see `DBInstrumentation`). Default: the
+    ///     process-wide backends.
     public convenience init(
         label: String = "default",
         configuration: PostgresClient.Configuration,
@@ -105,12 +110,13 @@ extension DBConnect where Engine == PostgresEngine {
         readYourWrites: Bool = false,
         logger: Logger = Logger(label: "ContextDB.Postgres"),
         beforeCreateSession: BeforeCreateSession? = nil,
-        chooseHost: ChooseHost? = nil
+        chooseHost: ChooseHost? = nil,
+        instrumentation: DBInstrumentation = DBInstrumentation()
     ) {
         let base = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
         self.init(
             label: label, host: base.description, options: options, beforeCreateSession: beforeCreateSession, chooseHost: chooseHost,
-            normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: base.port).description }
+            instrumentation: instrumentation, normalizeHost: { try PostgresEndpoint(parsing: $0, defaultPort: base.port).description }
         ) { host in
             let endpoint = try PostgresEndpoint(parsing: host, defaultPort: base.port)
             var moved = PostgresClient.Configuration(
@@ -121,7 +127,7 @@ extension DBConnect where Engine == PostgresEngine {
             return PostgresEngine(
                 configuration: moved, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
                 resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize,
-                capturesCommitLSN: readYourWrites, logger: logger
+                capturesCommitLSN: readYourWrites, instrumentation: instrumentation, poolName: label, logger: logger
             )
         }
     }

@@ -28,7 +28,15 @@ extension DBSession where Engine == PostgresEngine {
         try await withLeasedConnection { engine, connection, beganTransaction in
             let logger = logger ?? engine.logger
             do {
-                return try await engine.rows(query, on: connection, logger: logger, prepared: prepared)
+                return try await instrumentStatement(Self.operationName(of: query.sql), text: { query.sql }) {
+                    do {
+                        return try await engine.rows(query, on: connection, logger: logger, prepared: prepared)
+                    } catch where beganTransaction && PostgresStatementCache.isStalePlan(error) {
+                        throw error  // retried below
+                    } catch {
+                        throw mapped(error)  // timed and traced with its DBError code
+                    }
+                }
             } catch where beganTransaction && PostgresStatementCache.isStalePlan(error) {
                 // A schema change altered what the cached statement returns, and nothing of the
                 // transaction ran before it: start the transaction again and run the statement
@@ -79,6 +87,13 @@ extension DBSession where Engine == PostgresEngine {
         _ query: PostgresQuery, as type: Value.Type = Value.self, logger: Logger? = nil, prepared: Bool = true
     ) async throws -> Value? {
         try await self.query(query, logger: logger, prepared: prepared).first?.decode(Value.self)
+    }
+
+    /// A statement's `db.operation.name`: its first keyword, upper-cased (`SELECT`, `INSERT`,
+    /// `WITH`…), or `"statement"` when it starts with none.
+    static func operationName(of sql: String) -> String {
+        let keyword = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }
+        return keyword.isEmpty ? "statement" : keyword.uppercased()
     }
 
     private func mapped(_ error: any Error) -> any Error {

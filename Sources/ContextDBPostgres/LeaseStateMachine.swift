@@ -128,6 +128,10 @@ struct LeaseStateMachine<Connection: AnyObject, Waiter, Instant: InstantProtocol
     var connectionCount: Int { idle.count + leased.count + resetting.count + connecting }
     /// Connects in flight.
     var connectingCount: Int { connecting }
+    /// Open connections waiting for a lease.
+    var idleCount: Int { idle.count }
+    /// Leases waiting for a connection.
+    var pendingCount: Int { pending.count }
     /// Leases waiting.
     var waitingCount: Int { pending.count }
     /// How often the timer ticks: often while leases wait, seldom while only idle connections age.

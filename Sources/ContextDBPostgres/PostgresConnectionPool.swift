@@ -1,4 +1,5 @@
 import ContextDB
+import CoreMetrics
 import Logging
 import NIOCore
 import PostgresNIO
@@ -44,6 +45,8 @@ final class PostgresConnectionPool: Sendable {
     /// Runs once on each new connection before it serves a lease (the engine learns its
     /// backend process ID there).
     private let prepare: @Sendable (PostgresConnection) async -> Void
+    /// The pool's gauges and timeout counter, published after every change.
+    private let metrics: PostgresPoolMetrics
     private let jobs: AsyncStream<@Sendable () async -> Void>.Continuation
     private let pendingJobs: AsyncStream<@Sendable () async -> Void>
 
@@ -56,6 +59,7 @@ final class PostgresConnectionPool: Sendable {
     ///   - resetBound: The reset's deadline (the connection is closed past it).
     ///   - logger: Where the pool logs.
     ///   - prepare: Runs on each new connection before it serves a lease.
+    ///   - metrics: Where the pool's gauges and timeouts go.
     init(
         connection: Result<PostgresConnection.Configuration, DBError>,
         host: String,
@@ -64,8 +68,10 @@ final class PostgresConnectionPool: Sendable {
         resetQuery: PostgresQuery?,
         resetBound: Duration,
         logger: Logger,
+        metrics: PostgresPoolMetrics,
         prepare: @escaping @Sendable (PostgresConnection) async -> Void
     ) {
+        self.metrics = metrics
         self.connection = connection
         self.host = host
         self.logger = logger
@@ -100,6 +106,15 @@ final class PostgresConnectionPool: Sendable {
         await shutdown()
     }
 
+    /// Runs `body` on the state under its lock, then publishes the pool's gauges.
+    private func withMachine<R>(_ body: (inout State) throws -> R) rethrows -> R {
+        try state.withLock { state in
+            let result = try body(&state)
+            metrics.publish(idle: state.machine.idleCount, used: state.machine.leasedCount, pending: state.machine.pendingCount)
+            return result
+        }
+    }
+
     /// Connections sessions hold now.
     var leasedCount: Int { state.withLock { $0.machine.leasedCount } }
     /// Connections open or being opened.
@@ -114,7 +129,7 @@ final class PostgresConnectionPool: Sendable {
     func lease() async throws -> PostgresConnection {
         let arrived = ContinuousClock.now  // one lease timeout, whatever waited for run() first
         if !state.withLock({ $0.running || $0.machine.isShutDown }) { try await waitUntilRunning(since: arrived) }
-        let (first, id) = state.withLock { state in
+        let (first, id) = withMachine { state in
             state.nextID &+= 1
             return (state.machine.lease(now: .now), state.nextID)
         }
@@ -125,7 +140,7 @@ final class PostgresConnectionPool: Sendable {
         }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (waiter: Waiter) in
-                let action = state.withLock { $0.machine.wait(id: id, waiter: waiter, now: .now, arrived: arrived) }
+                let action = withMachine { $0.machine.wait(id: id, waiter: waiter, now: .now, arrived: arrived) }
                 switch action {
                 case .handOut(let connection):
                     waiter.resume(returning: connection)
@@ -169,12 +184,12 @@ final class PostgresConnectionPool: Sendable {
     }
 
     private func cancelWaiter(_ id: Int) {
-        state.withLock { $0.machine.cancel(id: id) }?.resume(throwing: CancellationError())
+        withMachine { $0.machine.cancel(id: id) }?.resume(throwing: CancellationError())
     }
 
     /// Takes a leased connection back: reset and pooled when `reusable`, else closed.
     func release(_ connection: PostgresConnection, reusable: Bool) {
-        let (action, drained) = state.withLock { state -> (Machine.ReturnAction, [CheckedContinuation<Void, Never>]) in
+        let (action, drained) = withMachine { state -> (Machine.ReturnAction, [CheckedContinuation<Void, Never>]) in
             let action = state.machine.release(connection, reusable: reusable, now: .now)
             guard state.machine.leasedCount == 0, !state.drainWaiters.isEmpty else { return (action, []) }
             defer { state.drainWaiters.removeAll() }
@@ -187,7 +202,7 @@ final class PostgresConnectionPool: Sendable {
     /// Waits until no session holds a connection.
     func drain() async {
         await withCheckedContinuation { continuation in
-            let idle = state.withLock { state in
+            let idle = withMachine { state in
                 if state.machine.leasedCount == 0 { return true }
                 state.drainWaiters.append(continuation)
                 return false
@@ -199,7 +214,7 @@ final class PostgresConnectionPool: Sendable {
     /// Fails every waiter, closes every connection (leased ones too: they may be inside a
     /// transaction, which closing rolls back) and ends the connects and the timer.
     func shutdown() async {
-        let (action, drained) = state.withLock { state -> (Machine.ShutdownAction, [CheckedContinuation<Void, Never>]) in
+        let (action, drained) = withMachine { state -> (Machine.ShutdownAction, [CheckedContinuation<Void, Never>]) in
             defer { state.drainWaiters.removeAll() }
             return (state.machine.shutdown(), state.drainWaiters)
         }
@@ -239,7 +254,7 @@ final class PostgresConnectionPool: Sendable {
         switch self.connection {
         case .success(let value): configuration = value
         case .failure(let error):
-            fail(state.withLock { $0.machine.connectFailed(error, now: .now) }, with: error)
+            fail(withMachine { $0.machine.connectFailed(error, now: .now) }, with: error)
             return
         }
         let id = state.withLock { state in
@@ -250,20 +265,20 @@ final class PostgresConnectionPool: Sendable {
             let connection = try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
             await prepare(connection)
             connection.closeFuture.whenComplete { [self] _ in
-                state.withLock { $0.machine.closed(connection) }
+                withMachine { $0.machine.closed(connection) }
             }
-            let (action, more) = state.withLock { state in
+            let (action, more) = withMachine { state in
                 let action = state.machine.connected(connection, now: .now)
                 return (action, state.machine.startConnects(now: .now))
             }
             run(action)
             for _ in 0..<more { startConnect() }
             // Closed while it was being set up: its close callback found nothing to remove.
-            if connection.isClosed { state.withLock { $0.machine.closed(connection) } }
+            if connection.isClosed { withMachine { $0.machine.closed(connection) } }
         } catch {
             let failure = DBError(.connectionFailed, PostgresEngine.explain(error), host: host, underlying: error)
             logger.debug("connect failed", metadata: ["reason": "\(failure.message)"])
-            fail(state.withLock { $0.machine.connectFailed(failure, now: .now) }, with: failure)
+            fail(withMachine { $0.machine.connectFailed(failure, now: .now) }, with: failure)
         }
     }
 
@@ -279,8 +294,9 @@ final class PostgresConnectionPool: Sendable {
             } catch {
                 return  // shutdown
             }
-            let action = state.withLock { $0.machine.tick(now: .now) }
+            let action = withMachine { $0.machine.tick(now: .now) }
             if !action.expired.isEmpty {
+                metrics.timeouts.increment(by: Int64(action.expired.count))
                 let timeout = error(for: .leaseTimeout(lastConnectError: action.reason))
                 for waiter in action.expired { waiter.resume(throwing: timeout) }
             }
@@ -298,7 +314,7 @@ final class PostgresConnectionPool: Sendable {
                 logger.debug("could not reset a released connection; closing it", metadata: ["error": "\(String(reflecting: error))"])
             }
             let succeeded = (try? result.get()) != nil && !connection.isClosed
-            run(state.withLock { $0.machine.resetFinished(connection, succeeded: succeeded, now: .now) })
+            run(withMachine { $0.machine.resetFinished(connection, succeeded: succeeded, now: .now) })
         }
     }
 
@@ -332,5 +348,30 @@ extension PostgresConnection {
     func closeQuietly() {
         let closed: EventLoopFuture<Void> = close()
         _ = closed
+    }
+}
+
+/// The gauges and the timeout counter of one engine's pool (OpenTelemetry
+/// `db.client.connection.count` by state, `.pending_requests`, `.timeouts`).
+final class PostgresPoolMetrics: Sendable {
+    let idle: Gauge
+    let used: Gauge
+    let pending: Gauge
+    let timeouts: Counter
+
+    /// - Parameters:
+    ///   - factory: Where the metrics go.
+    ///   - dimensions: `db.system.name`, `db.client.connection.pool.name`, `server.address`, `server.port`.
+    init(factory: any MetricsFactory, dimensions: [(String, String)]) {
+        idle = Gauge(label: DBMetricName.connectionCount, dimensions: dimensions + [("db.client.connection.state", "idle")], factory: factory)
+        used = Gauge(label: DBMetricName.connectionCount, dimensions: dimensions + [("db.client.connection.state", "used")], factory: factory)
+        pending = Gauge(label: DBMetricName.pendingRequests, dimensions: dimensions, factory: factory)
+        timeouts = Counter(label: DBMetricName.connectionTimeouts, dimensions: dimensions, factory: factory)
+    }
+
+    func publish(idle: Int, used: Int, pending: Int) {
+        self.idle.record(idle)
+        self.used.record(used)
+        self.pending.record(pending)
     }
 }

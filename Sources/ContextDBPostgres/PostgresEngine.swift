@@ -1,4 +1,5 @@
 import ContextDB
+import CoreMetrics
 import Logging
 import PostgresNIO
 import ServiceLifecycle
@@ -94,6 +95,10 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - resetsSessionState: Reset a released connection's session state (see ``resetsSessionState``). Default `true`.
     ///   - statementCacheSize: How many statements each connection prepares (see ``statementCacheSize``). Default 100.
     ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
+    ///   - instrumentation: Where the pool's metrics go (its `db.client.connection.*` gauges and
+    ///     timeouts). Default: the process-wide backend.
+    ///   - poolName: The pool's `db.client.connection.pool.name`: a connect passes its label.
+    ///     Default `"default"`.
     ///   - logger: Where the engine logs. Default: label `ContextDB.Postgres`.
     public convenience init(
         configuration: PostgresClient.Configuration,
@@ -102,6 +107,8 @@ public final class PostgresEngine: DatabaseEngine {
         resetsSessionState: Bool = true,
         statementCacheSize: Int = 100,
         capturesCommitLSN: Bool = false,
+        instrumentation: DBInstrumentation = DBInstrumentation(),
+        poolName: String = "default",
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) {
         let endpoint = PostgresEndpoint(host: configuration.host ?? "localhost", port: configuration.port ?? 5432)
@@ -109,7 +116,8 @@ public final class PostgresEngine: DatabaseEngine {
             endpoint: endpoint, connection: PostgresConnection.Configuration.converting(configuration, host: endpoint.description),
             maximumConnections: configuration.options.maximumConnections, leaseTimeout: leaseTimeout,
             statementTimeout: statementTimeout, resetsSessionState: resetsSessionState,
-            statementCacheSize: statementCacheSize, capturesCommitLSN: capturesCommitLSN, logger: logger
+            statementCacheSize: statementCacheSize, capturesCommitLSN: capturesCommitLSN,
+            instrumentation: instrumentation, poolName: poolName, logger: logger
         )
     }
 
@@ -123,6 +131,10 @@ public final class PostgresEngine: DatabaseEngine {
     ///   - resetsSessionState: Reset a released connection's session state (see ``resetsSessionState``). Default `true`.
     ///   - statementCacheSize: How many statements each connection prepares (see ``statementCacheSize``). Default 100.
     ///   - capturesCommitLSN: Record the WAL position of committed writes (see ``capturesCommitLSN``).
+    ///   - instrumentation: Where the pool's metrics go (its `db.client.connection.*` gauges and
+    ///     timeouts). Default: the process-wide backend.
+    ///   - poolName: The pool's `db.client.connection.pool.name`: a connect passes its label.
+    ///     Default `"default"`.
     ///   - logger: Where the engine logs.
     /// - Throws: `DBError.Code.invalidConfiguration` when the TLS settings cannot be built.
     public convenience init(
@@ -134,6 +146,8 @@ public final class PostgresEngine: DatabaseEngine {
         resetsSessionState: Bool = true,
         statementCacheSize: Int = 100,
         capturesCommitLSN: Bool = false,
+        instrumentation: DBInstrumentation = DBInstrumentation(),
+        poolName: String = "default",
         logger: Logger = Logger(label: "ContextDB.Postgres")
     ) throws {
         let endpoint = endpoint ?? url.endpoints[0]
@@ -149,7 +163,8 @@ public final class PostgresEngine: DatabaseEngine {
         self.init(
             endpoint: endpoint, connection: .success(connection), maximumConnections: maximumConnections,
             leaseTimeout: leaseTimeout, statementTimeout: statementTimeout, resetsSessionState: resetsSessionState,
-            statementCacheSize: statementCacheSize, capturesCommitLSN: capturesCommitLSN, logger: logger
+            statementCacheSize: statementCacheSize, capturesCommitLSN: capturesCommitLSN,
+            instrumentation: instrumentation, poolName: poolName, logger: logger
         )
     }
 
@@ -162,9 +177,12 @@ public final class PostgresEngine: DatabaseEngine {
         resetsSessionState: Bool,
         statementCacheSize: Int,
         capturesCommitLSN: Bool,
+        instrumentation: DBInstrumentation,
+        poolName: String,
         logger: Logger
     ) {
         self.capturesCommitLSN = capturesCommitLSN
+        self.namespace = try? connection.get().database
         self.statementTimeout = statementTimeout
         self.resetsSessionState = resetsSessionState
         self.statementCacheSize = max(0, statementCacheSize)
@@ -183,12 +201,25 @@ public final class PostgresEngine: DatabaseEngine {
             leaseTimeout: leaseTimeout, resetQuery: resetsSessionState ? Self.resetQuery : nil,
             resetBound: max(statementTimeout ?? PostgresConnectionPool.resetTimeout, PostgresConnectionPool.resetTimeout),
             logger: logger,
+            metrics: PostgresPoolMetrics(
+                factory: instrumentation.metricsFactory ?? MetricsSystem.factory,
+                dimensions: [
+                    ("db.system.name", Self.systemName), ("db.client.connection.pool.name", poolName),
+                    ("server.address", endpoint.host), ("server.port", String(endpoint.port)),
+                ]
+            ),
             prepare: { [logger] connection in
                 guard let statementTimeout else { return }
                 await backendPIDs.learn(connection, host: host, logger: logger, timeout: statementTimeout)
             }
         )
     }
+
+    /// `"postgresql"`, OpenTelemetry's `db.system.name`.
+    public static var systemName: String { "postgresql" }
+
+    /// The database the connections use (OpenTelemetry's `db.namespace`).
+    public let namespace: String?
 
     /// How many connections sessions hold right now (leased and not yet released).
     public var leasedConnectionCount: Int { pool.leasedCount }

@@ -45,7 +45,8 @@ extension PostgresTopology {
                 ])
             }
             logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
-            return DBHostChoice(host, retiresOtherHosts: true, onLeaseFailure: markSuspect)
+            metrics.decided(connect: connect.label, role: "primary", reason: "policy")
+            return DBHostChoice(host, retiresOtherHosts: true, onLeaseFailure: failedOver(connect.label))
         }
     }
 
@@ -130,7 +131,15 @@ extension PostgresTopology {
                     "waited": "\(waited)", "db.fallbacks": "\(hosts.dropFirst().joined(separator: ","))",
                 ]
             )
-            return DBHostChoice(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: markSuspect)
+            let toReplica = !fit.isEmpty
+            if position != nil, waited > .zero { metrics.waited(waited, connect: connect.label) }
+            metrics.decided(
+                connect: connect.label, role: toReplica ? "replica" : "primary",
+                reason: toReplica
+                    ? (position != nil && waited > .zero ? "token_wait" : "policy")
+                    : (position != nil ? "token_primary" : "fallback_primary")
+            )
+            return DBHostChoice(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: failedOver(connect.label))
         }
     }
 
@@ -165,8 +174,14 @@ extension PostgresTopology {
         }
     }
 
-    private func markSuspect(_ host: String, _ error: DBError) {
-        markSuspect(host, reason: error.message)
+    /// What a session does when its lease on a chosen host fails: marks the host suspect and
+    /// counts a `failover` decision for the connect (the session moves on to its next host).
+    private func failedOver(_ connect: String) -> @Sendable (String, DBError) -> Void {
+        { [self] host, error in
+            let role = snapshot.hosts.first { $0.endpoint.description == host }?.role.rawValue ?? "unknown"
+            markSuspect(host, reason: error.message)
+            metrics.decided(connect: connect, role: role, reason: "failover")
+        }
     }
 
     private func describe(_ snapshot: Snapshot) -> String {

@@ -1,4 +1,5 @@
 import ContextDB
+import CoreMetrics
 import Logging
 import PostgresNIO
 import ServiceLifecycle
@@ -138,28 +139,42 @@ public final class PostgresTopology: Service, Sendable {
     private let firstRound: Mutex<(unprobed: Set<PostgresEndpoint>, waiters: [Int: CheckedContinuation<Void, Never>])?>
     private let nextWaiter = Atomic<Int>(0)
     let turn = Atomic<Int>(0)
+    /// Per-host gauges, routing counters and the read-your-own-writes wait.
+    let metrics: PostgresTopologyMetrics
 
     /// Creates a topology for the hosts of a URI. Probes nothing until ``run()`` or ``refresh()``.
     /// - Parameters:
     ///   - url: The cluster's URI (all hosts; the credentials are used for the probes).
     ///   - configuration: Probe interval, timeout and hysteresis.
     ///   - logger: Where to log.
+    ///   - instrumentation: Where the per-host gauges (`contextdb.host.health`,
+    ///     `contextdb.replica.lag`) and the routing metrics go. Default: the process-wide backend.
     /// - Throws: `DBError` for a malformed URI.
     public convenience init(
         url: String,
         configuration: Configuration = Configuration(),
-        logger: Logger = Logger(label: "ContextDB.Topology")
+        logger: Logger = Logger(label: "ContextDB.Topology"),
+        instrumentation: DBInstrumentation = DBInstrumentation()
     ) throws {
-        self.init(url: try PostgresURL(url), configuration: configuration, logger: logger)
+        self.init(url: try PostgresURL(url), configuration: configuration, logger: logger, instrumentation: instrumentation)
     }
 
     /// Creates a topology for the hosts of a parsed URI.
+    /// - Parameters:
+    ///   - url: The cluster's parsed URI.
+    ///   - configuration: Probe interval, timeout and hysteresis.
+    ///   - logger: Where to log.
+    ///   - instrumentation: Where the topology's metrics go. Default: the process-wide backend.
     public init(
         url: PostgresURL,
         configuration: Configuration = Configuration(),
-        logger: Logger = Logger(label: "ContextDB.Topology")
+        logger: Logger = Logger(label: "ContextDB.Topology"),
+        instrumentation: DBInstrumentation = DBInstrumentation()
     ) {
         self.url = url
+        self.metrics = PostgresTopologyMetrics(
+            factory: instrumentation.metricsFactory ?? MetricsSystem.factory, endpoints: url.endpoints
+        )
         self.configuration = configuration
         self.logger = logger
         self.firstRound = Mutex((unprobed: Set(url.endpoints), waiters: [:]))
@@ -417,6 +432,9 @@ public final class PostgresTopology: Service, Sendable {
                 }
                 snapshot.hosts[index].lagBytes = primaryPosition.bytes(since: position)
             }
+            for host in snapshot.hosts where results[host.endpoint] != nil || host.role == .replica {
+                metrics.publish(host)
+            }
             return changes
         }
         for change in changes {
@@ -427,5 +445,78 @@ public final class PostgresTopology: Service, Sendable {
                 "the probing role may not read pg_stat_wal_receiver's status, so a replica that lost its primary is not detected; grant it pg_monitor"
             )
         }
+    }
+}
+
+/// The topology's metrics: per host, its health and (for a replica) its lag; per connect,
+/// routing decisions and the read-your-own-writes wait.
+final class PostgresTopologyMetrics: Sendable {
+    private let factory: any MetricsFactory
+    private let hosts: [PostgresEndpoint: (health: Gauge, lagBytes: Gauge, lagSeconds: Gauge)]
+
+    init(factory: any MetricsFactory, endpoints: [PostgresEndpoint]) {
+        self.factory = factory
+        var hosts: [PostgresEndpoint: (health: Gauge, lagBytes: Gauge, lagSeconds: Gauge)] = [:]
+        for endpoint in endpoints {
+            let dimensions = Self.dimensions(endpoint)
+            hosts[endpoint] = (
+                Gauge(label: DBMetricName.hostHealth, dimensions: dimensions, factory: factory),
+                Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "bytes")], factory: factory),
+                Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "seconds")], factory: factory)
+            )
+        }
+        self.hosts = hosts
+    }
+
+    static func dimensions(_ endpoint: PostgresEndpoint) -> [(String, String)] {
+        [("db.system.name", PostgresEngine.systemName), ("server.address", endpoint.host), ("server.port", String(endpoint.port))]
+    }
+
+    /// Publishes a host's health and, for a replica, its lag.
+    func publish(_ host: PostgresTopology.HostStatus) {
+        guard let gauges = hosts[host.endpoint] else { return }
+        gauges.health.record(host.isHealthy ? 1 : 0)
+        guard host.role == .replica else { return }
+        if let bytes = host.lagBytes { gauges.lagBytes.record(Int64(clamping: bytes)) }
+        if let seconds = host.lagSeconds { gauges.lagSeconds.record(seconds) }
+    }
+
+    /// The routing counters and wait timers made so far, by their dimensions: made once each.
+    private let decisions = Mutex<[String: Counter]>([:])
+    private let waits = Mutex<[String: Timer]>([:])
+
+    /// Counts a routing decision for a connect's session (`role`: `primary` or `replica`;
+    /// `reason`: `policy`, `token_wait`, `token_primary`, `fallback_primary` or `failover`).
+    func decided(connect: String, role: String, reason: String) {
+        let key = "\(connect)\u{0}\(role)\u{0}\(reason)"
+        let counter = decisions.withLock { counters in
+            if let counter = counters[key] { return counter }
+            let counter = Counter(
+                label: DBMetricName.routingDecisions,
+                dimensions: [
+                    ("db.system.name", PostgresEngine.systemName), ("db.client.connection.pool.name", connect),
+                    ("contextdb.routing.role", role), ("contextdb.routing.reason", reason),
+                ],
+                factory: factory
+            )
+            counters[key] = counter
+            return counter
+        }
+        counter.increment()
+    }
+
+    /// Records how long a read waited for a replica to reach the request's position.
+    func waited(_ duration: Duration, connect: String) {
+        let timer = waits.withLock { timers in
+            if let timer = timers[connect] { return timer }
+            let timer = Timer(
+                label: DBMetricName.consistencyWaitTime,
+                dimensions: [("db.system.name", PostgresEngine.systemName), ("db.client.connection.pool.name", connect)],
+                factory: factory
+            )
+            timers[connect] = timer
+            return timer
+        }
+        timer.record(duration: duration)
     }
 }

@@ -5,6 +5,7 @@ import ContextDBTesting
 import Foundation
 import Hummingbird
 import HummingbirdTesting
+import MetricsTestKit
 import ServiceLifecycle
 import Testing
 
@@ -35,6 +36,16 @@ enum DocCSnippets {
                 try await insertAudit(session)  // its own transaction, committed at the end
             }
         }                                       // COMMIT, connection back to the pool
+    }
+
+    /// ObservingContextDB.md
+    static func observing() {
+        let metrics = TestMetrics()                 // MetricsTestKit
+        let primary = DBConnect(label: "primary", host: "127.0.0.1:5432",
+                                instrumentation: DBInstrumentation(metricsFactory: metrics)) { host in
+            try await makeEngine(host)
+        }
+        _ = primary
     }
 
     /// HowTheRequestContextWorks.md
@@ -121,8 +132,8 @@ enum DocCSnippets {
         let articles = try FileManager.default.subpathsOfDirectory(atPath: SnippetCheck.root.appendingPathComponent("Sources").path)
             .filter { $0.contains(".docc/") && $0.hasSuffix(".md") }
             .map { SnippetCheck.root.appendingPathComponent("Sources").appendingPathComponent($0) }
-        #expect(articles.count >= 8)
+        #expect(articles.count >= 9)
         let blocks = try SnippetCheck.expectEveryBlockCompiled(of: articles, in: URL(fileURLWithPath: #filePath))
-        #expect(blocks >= 6)
+        #expect(blocks >= 7)
     }
 }

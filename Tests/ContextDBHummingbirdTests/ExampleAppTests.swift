@@ -5,6 +5,7 @@ import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import PostgresNIO
+import Prometheus
 import Testing
 import TestSupport
 
@@ -58,6 +59,41 @@ struct ExampleAppTests {
                     #expect(response.status == .ok)
                     #expect(json(response.body)["status"] as? String == "ok")
                 }
+            }
+        }
+    }
+
+    /// `GET /metrics` after some traffic: ContextDB's metrics in Prometheus' text format, with
+    /// Prometheus' names (underscores for OpenTelemetry's dots) and the serving host.
+    @Test func metricsShowWhatTheRouterAndThePoolsDid() async throws {
+        try await ExampleHarness.withExample(metrics: PrometheusCollectorRegistry()) { _, app in
+            try await app.test(.router) { client in
+                for text in ["one", "two"] {
+                    try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"\#(text)"}"#)) {
+                        #expect($0.status == .created)
+                    }
+                }
+                try await client.execute(uri: "/items/1", method: .get) { _ in }
+                let text = try await client.execute(uri: "/metrics", method: .get) { response in
+                    #expect(response.status == .ok)
+                    return String(buffer: response.body)
+                }
+                for name in [
+                    "db_client_connection_wait_time", "db_client_connection_use_time", "db_client_connection_count",
+                    "db_client_connection_pending_requests", "db_client_operation_duration", "contextdb_transactions",
+                    "contextdb_routing_decisions", "contextdb_host_health", "contextdb_replica_lag",
+                ] {
+                    #expect(text.contains(name), "\(name) in /metrics")
+                }
+                let primary = ExampleHarness.primaryEndpoint.split(separator: ":")
+                let commits = text.split(separator: "\n").filter { line in
+                    line.hasPrefix("contextdb_transactions") && line.contains(#"db_client_connection_pool_name="primary""#)
+                        && line.contains(#"server_address="\#(primary[0])""#) && line.contains(#"server_port="\#(primary[1])""#)
+                        && line.contains(#"contextdb_transaction_outcome="commit""#)
+                }
+                // The tables' creation at start-up, then the two writes.
+                #expect(commits.count == 1 && commits.first?.hasSuffix(" 3") == true, "three commits on the primary: \(commits)")
+                #expect(!text.contains("contextdb:contextdb"), "no credentials")
             }
         }
     }

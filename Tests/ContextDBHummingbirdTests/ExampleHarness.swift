@@ -6,6 +6,7 @@ import Hummingbird
 import HummingbirdTesting
 import Logging
 import PostgresNIO
+import Prometheus
 import Testing
 import TestSupport
 
@@ -38,13 +39,16 @@ enum ExampleHarness {
     static func withExample<R>(
         url: String = databaseURL,
         maximumConnections: Int = 20,
+        metrics: PrometheusCollectorRegistry? = nil,
         extraRoutes: @escaping (Router<BasicRequestContext>, ExampleDatabase) -> Void = { _, _ in },
         _ body: (ExampleDatabase, any ApplicationProtocol) async throws -> R
     ) async throws -> R {
         let database = try ExampleDatabase(
-            url: url, maximumConnections: maximumConnections, logger: Logger(label: "test")
+            url: url, maximumConnections: maximumConnections,
+            instrumentation: DBInstrumentation(metricsFactory: metrics.map { MetricsRoutes.factory(on: $0) }),
+            logger: Logger(label: "test")
         )
-        let app = try await buildApplication(database: database, port: 0) { router in
+        let app = try await buildApplication(database: database, port: 0, metrics: metrics) { router in
             extraRoutes(router, database)
         }
         try await withAdmin { admin in

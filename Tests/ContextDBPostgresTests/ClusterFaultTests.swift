@@ -13,10 +13,8 @@ import TestSupport
 struct ClusterFaultTests {
     /// The example's probe settings: every 500 ms, 2 s timeout.
     private func withDefaultTopology<R>(url: String, _ body: (PostgresTopology) async throws -> R) async throws -> R {
-        let topology = try PostgresTopology(url: url)
+        let topology = running(try PostgresTopology(url: url))
         await topology.refresh()
-        let service = Task { try await topology.run() }
-        defer { service.cancel() }
         return try await body(topology)
     }
 

@@ -1,6 +1,7 @@
 import ContextDB
 import ContextDBPostgres
 import PostgresNIO
+import MetricsTestKit
 import Testing
 import TestSupport
 
@@ -109,5 +110,35 @@ struct PostgresEngineTests {
         }
         await connect.close()
         #expect(token.flatMap(PostgresLSN.init) != nil, "a WAL position: \(token ?? "none")")
+    }
+
+    /// The pool's gauges and the statements' timers, with the serving host's dimensions.
+    @Test func statementsAndThePoolAreMeasured() async throws {
+        let metrics = TestMetrics()
+        let connect = try running(DBConnect(
+            label: "measured", url: TestCluster.primaryURL, instrumentation: DBInstrumentation(metricsFactory: metrics)
+        ))
+        let dimensions = [
+            ("db.system.name", "postgresql"), ("db.client.connection.pool.name", "measured"),
+            ("server.address", TestCluster.host), ("server.port", "\(TestCluster.port)"),
+        ]
+        await expectDBError(.commitFailed) {  // the failed statement aborted the transaction
+            try await withDBContext {
+                let session = try await connect.session()
+                _ = try await session.queryValue("SELECT 1", as: Int.self)
+                let used = try metrics.expectGauge(DBMetricName.connectionCount, dimensions + [("db.client.connection.state", "used")])
+                #expect(used.lastValue == 1, "one connection leased")
+                await #expect(throws: DBError.self) { try await session.execute("SELECT no_such_column") }
+            }
+        }
+        #expect(try metrics.expectTimer(DBMetricName.operationDuration, dimensions + [("db.operation.name", "SELECT")]).values.count == 1)
+        #expect(try metrics.expectTimer(
+            DBMetricName.operationDuration, dimensions + [("db.operation.name", "SELECT"), ("error.type", "queryFailed")]
+        ).values.count == 1)
+        #expect(metrics.counterTotal(label: DBMetricName.transactions, dimensions: dimensions + [("contextdb.transaction.outcome", "commit_failed")]) == 1)
+        try await eventually("the released connection is idle again") {
+            (try? metrics.expectGauge(DBMetricName.connectionCount, dimensions + [("db.client.connection.state", "idle")]).lastValue) == 1
+        }
+        await connect.close()
     }
 }

@@ -3,6 +3,7 @@ import ContextDBPostgres
 import Foundation
 import PostgresNIO
 import Synchronization
+import MetricsTestKit
 import Testing
 import TestSupport
 
@@ -141,12 +142,17 @@ struct RoutingTests {
 @Suite(.serialized, .enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(4)))
 struct FailoverTests {
     @Test func aStoppedReplicaCostsNoRequestAndIsUsedAgainWhenBack() async throws {
+        let metrics = TestMetrics()
         try await ScratchCluster.with(primaryPort: 27432, replicas: 2) { cluster in
-            try await withTopology(url: cluster.url) { topology in
+            try await withTopology(url: cluster.url, instrumentation: DBInstrumentation(metricsFactory: metrics)) { topology in
                 let replica = try running(DBConnect(
                     label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                     chooseHost: topology.replicaHook()
                 ))
+                let stoppedHealth = try metrics.expectGauge(DBMetricName.hostHealth, [
+                    ("db.system.name", "postgresql"), ("server.address", "127.0.0.1"), ("server.port", "\(cluster.replicaPorts[0])"),
+                ])
+                #expect(stoppedHealth.lastValue == 1)
                 func read() async throws -> Int {
                     try await withDBContext {
                         try await replica.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
@@ -165,6 +171,11 @@ struct FailoverTests {
                     topology.snapshot.hosts.first { $0.endpoint.port == cluster.replicaPorts[0] }?.isHealthy == false
                 }
                 #expect(try await read() != cluster.replicaPorts[0])
+                #expect(stoppedHealth.lastValue == 0, "contextdb.host.health shows the stopped replica down")
+                let failovers = metrics.counters(label: DBMetricName.routingDecisions).filter { counter in
+                    counter.dimensions.contains { $0 == ("contextdb.routing.reason", "failover") }
+                }
+                #expect(failovers.reduce(0) { $0 + $1.totalValue } >= 1, "the session that hit the stopped replica counted a failover")
 
                 try await cluster.run("start-replica", "1")
                 try await eventually("the replica is healthy again") {
@@ -173,6 +184,7 @@ struct FailoverTests {
                 var servedAgain = Set<Int>()
                 for _ in 0..<20 { servedAgain.insert(try await read()) }
                 #expect(servedAgain.contains(cluster.replicaPorts[0]), "the replica serves again: \(servedAgain)")
+                #expect(stoppedHealth.lastValue == 1)
                 await replica.close()
             }
         }
@@ -214,8 +226,9 @@ struct FailoverTests {
     }
 
     @Test func aLaggingReplicaNeverServesStaleDataToATokenAndOnlyWithinMaxLagWithout() async throws {
+        let metrics = TestMetrics()
         try await ScratchCluster.with(primaryPort: 27452, replicas: 1) { cluster in
-            try await withTopology(url: cluster.url) { topology in
+            try await withTopology(url: cluster.url, instrumentation: DBInstrumentation(metricsFactory: metrics)) { topology in
                 let primary = try running(DBConnect(
                     label: "primary", url: cluster.url, readYourWrites: true, chooseHost: topology.primaryHook()
                 ))
@@ -252,6 +265,18 @@ struct FailoverTests {
                 }
                 #expect(withToken.0 == cluster.endpoint(cluster.primaryPort))
                 #expect(withToken.1 == 1000)
+                #expect(metrics.counterTotal(label: DBMetricName.routingDecisions, dimensions: [
+                    ("db.system.name", "postgresql"), ("db.client.connection.pool.name", "replica"),
+                    ("contextdb.routing.role", "primary"), ("contextdb.routing.reason", "token_primary"),
+                ]) == 1)
+                #expect(try metrics.expectTimer(DBMetricName.consistencyWaitTime, [
+                    ("db.system.name", "postgresql"), ("db.client.connection.pool.name", "replica"),
+                ]).values.count == 1, "the read waited for the replica first")
+                let lag = try metrics.expectGauge(DBMetricName.replicaLag, [
+                    ("db.system.name", "postgresql"), ("server.address", "127.0.0.1"),
+                    ("server.port", "\(cluster.replicaPorts[0])"), ("unit", "bytes"),
+                ])
+                #expect((lag.lastValue ?? 0) > 1024, "contextdb.replica.lag shows the lag")
 
                 // Without a token: the lagging replica only within the max lag.
                 let limitedHost = try await withDBContext { try await limited.session().host }

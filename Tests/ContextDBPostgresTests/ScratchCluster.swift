@@ -89,14 +89,13 @@ struct ScratchCluster {
 /// Runs `body` with a topology of `url`, probed every 100 ms in the background.
 func withTopology<R>(
     url: String,
+    instrumentation: DBInstrumentation = DBInstrumentation(),
     _ body: (PostgresTopology) async throws -> R
 ) async throws -> R {
     var configuration = PostgresTopology.Configuration()
     configuration.probeInterval = .milliseconds(100)
     configuration.probeTimeout = .seconds(1)
-    let topology = try PostgresTopology(url: url, configuration: configuration)
+    let topology = running(try PostgresTopology(url: url, configuration: configuration, instrumentation: instrumentation))
     await topology.refresh()
-    let service = Task { try await topology.run() }
-    defer { service.cancel() }
     return try await body(topology)
 }
