@@ -172,10 +172,11 @@ package final class DBHostInstruments: Sendable {
         return "\(error.code)"
     }
 
-    /// Starts a span for a transaction or a statement, a child of the task's current context
-    /// (the request's span), with the connection's attributes.
-    func startSpan(_ name: String) -> any Span {
-        let span = tracer.startSpan(name, context: ServiceContext.current ?? .topLevel, ofKind: .client)
+    /// Starts a span for a transaction or a statement — a child of `parent` (a statement's
+    /// transaction), else of the task's current context (the request's span) — with the
+    /// connection's attributes.
+    func startSpan(_ name: String, parent: ServiceContext? = nil) -> any Span {
+        let span = tracer.startSpan(name, context: parent ?? ServiceContext.current ?? .topLevel, ofKind: .client)
         span.attributes["db.system.name"] = systemName
         if let namespace { span.attributes["db.namespace"] = namespace }
         span.attributes["server.address"] = address

@@ -164,10 +164,11 @@ extension DBSession {
     package nonisolated(nonsending) func instrumentStatement<R>(
         _ operationName: String, text: () -> String, _ body: () async throws -> R
     ) async throws -> R {
-        guard let instruments = state.withLock({ $0.phase.lease.map(Self.lease)?.instruments }) else { return try await body() }
+        let (instruments, transaction) = state.withLock { ($0.phase.lease.map(Self.lease)?.instruments, $0.trace?.span.context) }
+        guard let instruments else { return try await body() }
         var span: (any Span)?
         if instruments.tracesStatements {
-            let started = instruments.startSpan(operationName)
+            let started = instruments.startSpan(operationName, parent: transaction)
             started.attributes["db.operation.name"] = operationName
             if instruments.recordsStatementText { started.attributes["db.query.text"] = text() }
             span = started

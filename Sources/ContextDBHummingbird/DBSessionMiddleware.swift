@@ -1,6 +1,7 @@
 import ContextDB
 import HTTPTypes
 import Hummingbird
+import Logging
 
 /// Gives every request its own `DBContext` and ends it before the response leaves.
 ///
@@ -60,7 +61,25 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
         next: (Request, Context) async throws -> Response
     ) async throws -> Response {
         let incoming = incomingToken(request)
-        return try await withDBRequest(
+        do {
+            return try await handleInContext(request, context: context, incoming: incoming, next: next)
+        } catch let error as DBError where error.code == .commitFailed || error.code == .commitOutcomeUnknown {
+            // Logged here, where the request's logger is: the client only sees a 500.
+            context.logger.warning("the request's transaction did not commit", metadata: [
+                "db.connect": "\(error.connect ?? "")", "server.address": "\(error.host ?? "")",
+                "error.type": "\(error.code)", "error.message": "\(error.message)",
+            ])
+            throw error
+        }
+    }
+
+    private func handleInContext(
+        _ request: Request,
+        context: Context,
+        incoming: String?,
+        next: (Request, Context) async throws -> Response
+    ) async throws -> Response {
+        try await withDBRequest(
             ifActive: .join,
             consistencyToken: incoming,
             beforeCommit: beforeCommit,

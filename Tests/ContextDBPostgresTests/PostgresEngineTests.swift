@@ -1,9 +1,11 @@
 import ContextDB
 import ContextDBPostgres
 import PostgresNIO
+import InMemoryTracing
 import MetricsTestKit
 import Testing
 import TestSupport
+import Tracing
 
 @Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(3)))
 struct PostgresEngineTests {
@@ -140,5 +142,37 @@ struct PostgresEngineTests {
             (try? metrics.expectGauge(DBMetricName.connectionCount, dimensions + [("db.client.connection.state", "idle")]).lastValue) == 1
         }
         await connect.close()
+    }
+
+    /// Statement spans, opted in: named by the operation, under the transaction's span, with the
+    /// SQL text only when asked for and the bound values never.
+    @Test func statementSpansCarryTheOperationAndNeverABoundValue() async throws {
+        let tracer = InMemoryTracer()
+        let secret = "s3cret-value-\(UInt32.random(in: 0...UInt32.max))"
+        for recordsText in [false, true] {
+            let connect = try running(DBConnect(
+                url: TestCluster.primaryURL,
+                instrumentation: DBInstrumentation(tracer: tracer, tracesStatements: true, recordsStatementText: recordsText)
+            ))
+            try await withDBContext {
+                _ = try await connect.session().queryValue("SELECT length(\(secret))", as: Int.self)
+            }
+            await connect.close()
+        }
+        let statements = tracer.finishedSpans.filter { $0.operationName == "SELECT" }
+        let transactions = tracer.finishedSpans.filter { $0.operationName == "transaction" }
+        #expect(statements.count == 2 && transactions.count == 2)
+        for (statement, transaction) in zip(statements, transactions) {
+            #expect(statement.parentSpanID == transaction.spanID, "a statement is a child of its transaction")
+            #expect(statement.attributes.get("db.operation.name") == .string("SELECT"))
+            #expect(statement.attributes.get("db.namespace") == .string(TestCluster.database))
+        }
+        #expect(statements[0].attributes.get("db.query.text") == nil, "no text unless asked for")
+        #expect(statements[1].attributes.get("db.query.text") == .string("SELECT length($1)"))
+        for span in tracer.finishedSpans {
+            span.attributes.forEach { name, value in
+                #expect(!"\(value)".contains(secret), "\(span.operationName): \(name) holds a bound value")
+            }
+        }
     }
 }
