@@ -8,7 +8,9 @@
 # like-for-like ratio); as shipped, read-your-own-writes adds two round trips per committed write
 # and makes write-then-read wait for the replica (reported as its own rows). A fourth server,
 # example-noreset, is the like-for-like example with RESET_SESSION_STATE=off: the difference
-# from `example` is what resetting released connections costs.
+# from `example` is what resetting released connections costs. A fifth, example-nometrics, has
+# METRICS=off (no backend: swift-metrics' no-op handlers), while `example` records every metric
+# into a Prometheus registry: the difference is what metrics cost.
 # Prints requests/s, p50 and p99 for each, and the example/baseline ratios.
 #
 # Each workload runs BENCH_ROUNDS times per server, the order rotated each round, after a VACUUM
@@ -28,6 +30,7 @@ example_port=8180
 baseline_port=8181
 ryow_port=8182
 noreset_port=8183
+nometrics_port=8184
 
 export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-28532}
 export PG_REPLICA_PORT=${PG_REPLICA_PORT:-28533}
@@ -51,6 +54,9 @@ until curl -sf "http://127.0.0.1:$ryow_port/health" >/dev/null; do sleep 0.2; do
 RESET_SESSION_STATE=off READ_YOUR_WRITES=off LOG_LEVEL=warning "$example_bin" --port "$noreset_port" > "$work/example-noreset.log" 2>&1 &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$noreset_port/health" >/dev/null; do sleep 0.2; done
+METRICS=off READ_YOUR_WRITES=off LOG_LEVEL=warning "$example_bin" --port "$nometrics_port" > "$work/example-nometrics.log" 2>&1 &
+pids+=($!)
+until curl -sf "http://127.0.0.1:$nometrics_port/health" >/dev/null; do sleep 0.2; done
 "$baseline_bin" "$baseline_port" > "$work/baseline.log" 2>&1 &
 pids+=($!)
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$baseline_port/items/0")" = 404 ]; do sleep 0.2; done
@@ -87,7 +93,7 @@ settle() { # before each measurement: no autovacuum or checkpoint of the previou
 }
 
 
-servers=(example baseline example+ryow example-noreset)
+servers=(example baseline example+ryow example-noreset example-nometrics)
 printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx
 declare -A result
 for workload in insert read write-then-read; do
@@ -105,6 +111,7 @@ for workload in insert read write-then-read; do
                 baseline) port=$baseline_port ;;
                 example+ryow) port=$ryow_port ;;
                 example-noreset) port=$noreset_port ;;
+                example-nometrics) port=$nometrics_port ;;
             esac
             settle
             read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
@@ -120,7 +127,8 @@ for workload in insert read write-then-read; do
     b=$(median <<<"${result[$workload.baseline]}")
     r=$(median <<<"${result[$workload.example+ryow]}")
     n=$(median <<<"${result[$workload.example-noreset]}")
-    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" -v n="$n" \
-        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f; without the session reset: %8.1f, reset cost %.1f%%)\n", w, e, b, e / b, r, r / b, n, (1 - e / n) * 100 }'
+    m=$(median <<<"${result[$workload.example-nometrics]}")
+    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" -v n="$n" -v m="$m" \
+        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f; without the session reset: %8.1f, reset cost %.1f%%; without metrics: %8.1f, metrics cost %.1f%%)\n", w, e, b, e / b, r, r / b, n, (1 - e / n) * 100, m, (1 - e / m) * 100 }'
 done
 echo "(machine: $(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB; wrk -t$threads -c$connections -d$duration)"

@@ -8,16 +8,20 @@ import Prometheus
 /// services beside the server, and before the server starts probes the cluster and creates the
 /// tables.
 /// - Parameter configure: Adds routes of the caller's (tests) to the router.
-/// - Parameter metrics: The registry `GET /metrics` serves; `nil` for no such route.
+/// - Parameters:
+///   - metrics: The registry `GET /metrics` serves; `nil` for no such route.
+///   - tracing: Give every request a span (Hummingbird's `TracingMiddleware`), the parent of
+///     its transactions' spans.
 func buildApplication(
     database: ExampleDatabase,
     hostname: String = "127.0.0.1",
     port: Int = 8080,
     metrics: PrometheusCollectorRegistry? = nil,
+    tracing: Bool = false,
     logger: Logger = Logger(label: "ContextDBExample"),
     configure: (Router<BasicRequestContext>) -> Void = { _ in }
-) async throws -> some ApplicationProtocol {
-    let router = buildRouter(database: database)
+) async throws -> Application<RouterResponder<BasicRequestContext>> {
+    let router = buildRouter(database: database, tracing: tracing)
     if let metrics { MetricsRoutes(registry: metrics).add(to: router) }
     configure(router)
     var app = Application(
@@ -34,8 +38,9 @@ func buildApplication(
 
 /// The router with the session middleware (which also carries the `X-WAL-LSN` token) and
 /// every route.
-func buildRouter(database: ExampleDatabase) -> Router<BasicRequestContext> {
+func buildRouter(database: ExampleDatabase, tracing: Bool = false) -> Router<BasicRequestContext> {
     let router = Router()
+    if tracing { router.add(middleware: TracingMiddleware()) }  // outside the session middleware: its span is the parent
     router.add(middleware: DBSessionMiddleware())
     ExampleRoutes(database: database).add(to: router)
     ItemRoutes(database: database).add(to: router)

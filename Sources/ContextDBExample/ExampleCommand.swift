@@ -1,10 +1,13 @@
 import ArgumentParser
+import ContextDB
 import ContextDBPostgres
 import Foundation
 import Hummingbird
+import InMemoryTracing
 import Logging
 import Metrics
 import Prometheus
+import Tracing
 
 /// The example server: every workflow of ContextDB behind HTTP routes.
 @main
@@ -21,7 +24,8 @@ struct ExampleCommand: AsyncParsableCommand {
             READ_YOUR_WRITES=off turns read-your-own-writes off (on by default); \
             RESET_SESSION_STATE=off skips resetting released connections (to measure its cost). \
             GET /metrics serves every metric in Prometheus' text format; METRICS=off records none \
-            (to measure their cost).
+            (to measure their cost). TRACING=on traces every request, transaction and statement \
+            in process and logs the spans.
             """
     )
 
@@ -48,13 +52,21 @@ struct ExampleCommand: AsyncParsableCommand {
             MetricsSystem.bootstrap(MetricsRoutes.factory(on: metrics))
             registry = metrics
         }
+        var tracer: InMemoryTracer?
+        if environment["TRACING"] == "on" {
+            let inMemory = InMemoryTracer()
+            InstrumentationSystem.bootstrap(inMemory)
+            tracer = inMemory
+        }
         let database = try ExampleDatabase(
             url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites,
-            resetsSessionState: resetsSessionState, logger: logger
+            resetsSessionState: resetsSessionState,
+            instrumentation: DBInstrumentation(tracesStatements: tracer != nil), logger: logger
         )
-        let app = try await buildApplication(
-            database: database, hostname: hostname, port: port, metrics: registry, logger: logger
+        var app = try await buildApplication(
+            database: database, hostname: hostname, port: port, metrics: registry, tracing: tracer != nil, logger: logger
         )
+        if let tracer { app.addServices(SpanLogger(tracer: tracer, logger: logger)) }
         try await app.runService()
     }
 }
