@@ -25,15 +25,18 @@ extension DBConnect: Service {
     /// - Throws: ``DBError/Code/invalidConfiguration`` when `run()` is already running.
     public func run() async throws {
         let (jobs, queue) = AsyncStream.makeStream(of: EngineJob.self)
-        let waiting = state.withLock { state -> [EngineJob]? in
-            guard state.runner == nil else { return nil }
-            state.runner = queue
-            defer { state.pendingDrains.removeAll() }
-            let ready = state.engines.values.compactMap { slot -> EngineJob? in
-                guard case .ready(let engine) = slot else { return nil }
-                return .run(engine)
+        // The run lock, then the state's (the order engine creation takes them in).
+        let waiting = runState.withLock { run -> [EngineJob]? in
+            guard run.runner == nil else { return nil }
+            run.runner = queue
+            defer { run.pendingDrains.removeAll() }
+            let ready = state.withLock { state in
+                state.engines.values.compactMap { slot -> EngineJob? in
+                    guard case .ready(let engine) = slot else { return nil }
+                    return .run(engine)
+                }
             }
-            return ready + state.pendingDrains.map { .drain($0) }
+            return ready + run.pendingDrains.map { .drain($0) }
         }
         guard let waiting else {
             throw DBError(.invalidConfiguration, "run() is already running on this connect; run each connect once at a time", connect: label)
@@ -48,7 +51,7 @@ extension DBConnect: Service {
                     }
                 }
                 // Shut down (cancelled, or a graceful shutdown): every engine's run() returns.
-                state.withLock { $0.runner = nil }
+                runState.withLock { $0.runner = nil }
                 await close()
             }
         } onGracefulShutdown: {

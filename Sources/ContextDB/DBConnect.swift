@@ -47,15 +47,21 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     struct State: Sendable {
         var host: String?
         var engines: [String: EngineSlot] = [:]
+    }
+
+    /// What ``run()`` needs, apart from the hot state: leases never touch it.
+    struct RunState: Sendable {
         /// Where engines' background work goes while ``run()`` runs; `nil` otherwise.
         var runner: AsyncStream<EngineJob>.Continuation?
         /// Engines retired while nothing ran: the next ``run()`` drains them.
         var pendingDrains: [Engine] = []
-        /// The metrics and tracer of each host, made on its first lease.
-        var instruments: [String: DBHostInstruments] = [:]
     }
 
     let state: Mutex<State>
+    let runState = Mutex(RunState())
+    /// The metrics and tracer of each host, made on its first lease. Not generic: reading it
+    /// on every lease costs no type-metadata lookup.
+    let instrumentsByHost = Mutex<[String: DBHostInstruments]>([:])
 
     /// Declares a database. Nothing connects until a session runs its first statement.
     /// - Parameters:
@@ -188,35 +194,39 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// Takes the engines of every host but `host` out and drains them (see
     /// ``DBHostChoice/retiresOtherHosts``).
     private func retireEngines(keeping host: String) {
-        let (retired, runner) = state.withLock { state -> ([Engine], AsyncStream<EngineJob>.Continuation?) in
+        let retired = state.withLock { state -> [Engine] in
             var retired: [Engine] = []
             for (other, slot) in state.engines where other != host {
                 guard case .ready(let engine) = slot else { continue }
                 state.engines[other] = nil
                 retired.append(engine)
             }
-            if state.runner == nil { state.pendingDrains += retired }
-            return (retired, state.runner)
+            return retired
+        }
+        guard !retired.isEmpty else { return }
+        let runner = runState.withLock { run in
+            if run.runner == nil { run.pendingDrains += retired }
+            return run.runner
         }
         for engine in retired { runner?.yield(.drain(engine)) }
     }
 
     /// The metrics and tracer for `host`, made on first use and kept.
     func instruments(for host: String, engine: Engine) -> DBHostInstruments {
-        if let made = state.withLock({ $0.instruments[host] }) { return made }
+        if let made = instrumentsByHost.withLock({ $0[host] }) { return made }
         let made = DBHostInstruments(
             instrumentation: instrumentation, label: label, host: host, systemName: Engine.systemName, namespace: engine.namespace
         )
-        return state.withLock { state in
-            if let existing = state.instruments[host] { return existing }
-            state.instruments[host] = made
+        return instrumentsByHost.withLock { instruments in
+            if let existing = instruments[host] { return existing }
+            instruments[host] = made
             return made
         }
     }
 
     /// Counts a session that moved on from `host` because its first lease failed there.
     func countFailover(from host: String) {
-        let instruments = state.withLock { $0.instruments[host] } ?? DBHostInstruments(
+        let instruments = instrumentsByHost.withLock { $0[host] } ?? DBHostInstruments(
             instrumentation: instrumentation, label: label, host: host, systemName: Engine.systemName, namespace: nil
         )
         instruments.failovers.increment()
@@ -255,10 +265,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         do {
             let engine = try await task.value
             // Run now when run() runs; else the next run() starts it (it runs the ready engines).
-            let runner = state.withLock { state -> AsyncStream<EngineJob>.Continuation? in
-                guard case .creating(let current) = state.engines[host], current == task else { return nil }
-                state.engines[host] = .ready(engine)
-                return state.runner
+            // Both locks held, so run() starting meanwhile sees either the ready engine or the
+            // runner-less creation, never neither.
+            let runner = runState.withLock { run in
+                state.withLock { state -> AsyncStream<EngineJob>.Continuation? in
+                    guard case .creating(let current) = state.engines[host], current == task else { return nil }
+                    state.engines[host] = .ready(engine)
+                    return run.runner
+                }
             }
             runner?.yield(.run(engine))
             return engine

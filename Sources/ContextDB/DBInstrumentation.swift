@@ -83,6 +83,9 @@ enum DBTransactionOutcome: String, Sendable {
 /// on a ready handler, no lookup.
 package final class DBHostInstruments: Sendable {
     let tracer: any Tracer
+    /// Whether `tracer` records anything: `false` for swift-distributed-tracing's `NoOpTracer`
+    /// (no tracer bootstrapped), so transactions then start no span at all.
+    let traces: Bool
     let tracesStatements: Bool
     let recordsStatementText: Bool
     private let factory: any MetricsFactory
@@ -103,8 +106,10 @@ package final class DBHostInstruments: Sendable {
     init(instrumentation: DBInstrumentation, label: String, host: String, systemName: String, namespace: String?) {
         let factory = instrumentation.metricsFactory ?? MetricsSystem.factory
         self.factory = factory
-        self.tracer = instrumentation.tracer ?? InstrumentationSystem.tracer
-        self.tracesStatements = instrumentation.tracesStatements
+        let tracer = instrumentation.tracer ?? InstrumentationSystem.tracer
+        self.tracer = tracer
+        self.traces = !(tracer is NoOpTracer)
+        self.tracesStatements = instrumentation.tracesStatements && !(tracer is NoOpTracer)
         self.recordsStatementText = instrumentation.recordsStatementText
         self.label = label
         self.systemName = systemName
@@ -175,8 +180,11 @@ package final class DBHostInstruments: Sendable {
     /// Starts a span for a transaction or a statement — a child of `parent` (a statement's
     /// transaction), else of the task's current context (the request's span) — with the
     /// connection's attributes.
-    func startSpan(_ name: String, parent: ServiceContext? = nil) -> any Span {
+    /// `nil` when no tracer is set up (`NoOpTracer`): then nothing is built at all.
+    func startSpan(_ name: String, parent: ServiceContext? = nil) -> (any Span)? {
+        guard traces else { return nil }
         let span = tracer.startSpan(name, context: parent ?? ServiceContext.current ?? .topLevel, ofKind: .client)
+        guard span.isRecording else { return span }  // a sampled-out span: no attributes to build
         span.attributes["db.system.name"] = systemName
         if let namespace { span.attributes["db.namespace"] = namespace }
         span.attributes["server.address"] = address

@@ -126,9 +126,9 @@ extension DBSession {
                 $0.trace = trace
             }
         } catch {
-            span.recordError(error)
-            span.setStatus(SpanStatus(code: .error))
-            span.end()
+            span?.recordError(error)
+            span?.setStatus(SpanStatus(code: .error))
+            span?.end()
             guard mode.ownsConnection else { throw error }  // the borrowed connection is not ours to close
             state.withLock { $0.phase = .idle }
             await lease.release(reusable: false)
@@ -164,14 +164,15 @@ extension DBSession {
     package nonisolated(nonsending) func instrumentStatement<R>(
         _ operationName: String, text: () -> String, _ body: () async throws -> R
     ) async throws -> R {
-        let (instruments, transaction) = state.withLock { ($0.phase.lease.map(Self.lease)?.instruments, $0.trace?.span.context) }
+        let (instruments, transaction) = state.withLock { ($0.phase.lease.map(Self.lease)?.instruments, $0.trace?.span?.context) }
         guard let instruments else { return try await body() }
         var span: (any Span)?
         if instruments.tracesStatements {
-            let started = instruments.startSpan(operationName, parent: transaction)
-            started.attributes["db.operation.name"] = operationName
-            if instruments.recordsStatementText { started.attributes["db.query.text"] = text() }
-            span = started
+            span = instruments.startSpan(operationName, parent: transaction)
+            if let span, span.isRecording {
+                span.attributes["db.operation.name"] = operationName
+                if instruments.recordsStatementText { span.attributes["db.query.text"] = text() }
+            }
         }
         let started = ContinuousClock.now
         do {

@@ -52,10 +52,11 @@ struct DBSessionState: Sendable {
 
 /// The span and metrics of one open transaction.
 final class DBTransactionTrace: Sendable {
-    let span: any Span
+    /// `nil` when no tracer is set up.
+    let span: (any Span)?
     let instruments: DBHostInstruments
 
-    init(span: any Span, instruments: DBHostInstruments) {
+    init(span: (any Span)?, instruments: DBHostInstruments) {
         self.span = span
         self.instruments = instruments
     }
@@ -63,6 +64,8 @@ final class DBTransactionTrace: Sendable {
     /// Counts the transaction and ends its span.
     func finish(_ outcome: DBTransactionOutcome, error: (any Error)? = nil) {
         instruments.count(outcome)
+        guard let span else { return }
+        guard span.isRecording else { return span.end() }
         span.attributes["contextdb.transaction.outcome"] = outcome.rawValue
         if let error {
             span.recordError(error)
