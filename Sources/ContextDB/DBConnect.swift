@@ -310,7 +310,10 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         }
         let hosts = try candidates(of: choice)
         if choice.retiresOtherHosts { retireEngines(keeping: hosts[0]) }
-        return DBSession(connect: self, candidates: hosts, onLeaseFailure: choice.onLeaseFailure, consistency: context?.consistency)
+        return DBSession(
+            connect: self, candidates: hosts, onLeaseFailure: choice.onLeaseFailure, consistency: context?.consistency,
+            routing: choice.role == nil && choice.reason == nil ? nil : DBRoutingNote(role: choice.role, reason: choice.reason)
+        )
     }
 
     /// The hosts a session tries, canonical and without repeats: the chosen one first.

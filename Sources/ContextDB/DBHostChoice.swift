@@ -37,22 +37,34 @@ public struct DBHostChoice: Sendable {
     /// engines of its other hosts out and drains them — each shuts down once its sessions have
     /// given their connections back. Default `false`.
     public var retiresOtherHosts: Bool
+    /// The role of `host` as the hook saw it (`primary`, `replica`), for traces: each of the
+    /// session's transaction spans gets a `contextdb.routing` event with it. Default `nil`.
+    public var role: String?
+    /// Why the hook chose `host` (`policy`, `token_wait`, `token_primary`, `fallback_primary`),
+    /// for the same event. Default `nil`.
+    public var reason: String?
 
     /// Creates a choice.
     /// - Parameters:
     ///   - host: The host, such as `"db1:5432"`; must not be empty.
     ///   - fallbacks: Hosts to try next, in order. Default none.
     ///   - retiresOtherHosts: Drain the engines of every other host. Default `false`.
+    ///   - role: The host's role, for traces. Default `nil`.
+    ///   - reason: Why the hook chose it, for traces. Default `nil`.
     ///   - onLeaseFailure: Told about each host whose lease failed.
     public init(
         _ host: String,
         fallbacks: [String] = [],
         retiresOtherHosts: Bool = false,
+        role: String? = nil,
+        reason: String? = nil,
         onLeaseFailure: (@Sendable (_ host: String, _ error: DBError) -> Void)? = nil
     ) {
         self.host = host
         self.fallbacks = fallbacks
         self.retiresOtherHosts = retiresOtherHosts
+        self.role = role
+        self.reason = reason
         self.onLeaseFailure = onLeaseFailure
     }
 }

@@ -72,6 +72,27 @@ public enum DBMetricName {
     public static let consistencyWaitTime = "contextdb.consistency.wait_time"
 }
 
+/// The host hook's reason for a session's host, added to each of its transactions' spans as a
+/// `contextdb.routing` event.
+final class DBRoutingNote: Sendable {
+    let role: String?
+    let reason: String?
+
+    init(role: String?, reason: String?) {
+        self.role = role
+        self.reason = reason
+    }
+
+    /// The event: `contextdb.routing.role`, `contextdb.routing.reason` and the host.
+    func event(host: String) -> SpanEvent {
+        var attributes: SpanAttributes = [:]
+        if let role { attributes["contextdb.routing.role"] = role }
+        if let reason { attributes["contextdb.routing.reason"] = reason }
+        attributes["server.address"] = DBHostInstruments.split(host).address
+        return SpanEvent(name: "contextdb.routing", attributes: attributes)
+    }
+}
+
 /// How a transaction ended, for ``DBMetricName/transactions`` and its span.
 enum DBTransactionOutcome: String, Sendable {
     case commit

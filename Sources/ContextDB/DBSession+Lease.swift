@@ -118,6 +118,7 @@ extension DBSession {
     nonisolated(nonsending) func begin(_ lease: DBLease<Engine>) async throws {
         let (statement, savepoint) = mode.begin(connect.options)
         let span = lease.instruments.startSpan("transaction")
+        if let span, span.isRecording, let routing { span.addEvent(routing.event(host: host)) }
         do {
             try await execute(statement, on: lease)
             let trace = DBTransactionTrace(span: span, instruments: lease.instruments)

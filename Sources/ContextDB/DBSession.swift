@@ -44,6 +44,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Where the positions of this session's commits go: the read-your-own-writes record of
     /// the context it was made for, if any.
     let consistency: DBConsistencyRecord?
+    /// Why the host hook chose this session's host, for its transactions' spans.
+    let routing: DBRoutingNote?
 
     typealias State = DBSessionState
 
@@ -53,11 +55,12 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
 
     init(
         connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil,
-        consistency: DBConsistencyRecord? = nil
+        consistency: DBConsistencyRecord? = nil, routing: DBRoutingNote? = nil
     ) {
         precondition(!candidates.isEmpty, "a session needs a host")
         self.connect = connect
         self.consistency = consistency
+        self.routing = routing
         self.candidates = candidates
         self.onLeaseFailure = onLeaseFailure
         self.mode = .pooled
@@ -71,6 +74,7 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         )
         self.connect = connect
         self.consistency = consistency
+        self.routing = nil
         self.candidates = [shared.host]
         self.onLeaseFailure = nil
         self.mode = .savepoint(shared, lease: lease)

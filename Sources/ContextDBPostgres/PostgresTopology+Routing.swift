@@ -46,7 +46,7 @@ extension PostgresTopology {
             }
             logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
             metrics.decided(connect: connect.label, role: "primary", reason: "policy")
-            return DBHostChoice(host, retiresOtherHosts: true, onLeaseFailure: failedOver(connect.label))
+            return DBHostChoice(host, retiresOtherHosts: true, role: "primary", reason: "policy", onLeaseFailure: failedOver(connect.label))
         }
     }
 
@@ -133,13 +133,14 @@ extension PostgresTopology {
             )
             let toReplica = !fit.isEmpty
             if position != nil, waited > .zero { metrics.waited(waited, connect: connect.label) }
-            metrics.decided(
-                connect: connect.label, role: toReplica ? "replica" : "primary",
-                reason: toReplica
-                    ? (position != nil && waited > .zero ? "token_wait" : "policy")
-                    : (position != nil ? "token_primary" : "fallback_primary")
+            let role = toReplica ? "replica" : "primary"
+            let decision = toReplica
+                ? (position != nil && waited > .zero ? "token_wait" : "policy")
+                : (position != nil ? "token_primary" : "fallback_primary")
+            metrics.decided(connect: connect.label, role: role, reason: decision)
+            return DBHostChoice(
+                host, fallbacks: Array(hosts.dropFirst()), role: role, reason: decision, onLeaseFailure: failedOver(connect.label)
             )
-            return DBHostChoice(host, fallbacks: Array(hosts.dropFirst()), onLeaseFailure: failedOver(connect.label))
         }
     }
 

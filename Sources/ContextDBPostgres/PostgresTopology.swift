@@ -488,6 +488,7 @@ final class PostgresTopologyMetrics: Sendable {
     /// Counts a routing decision for a connect's session (`role`: `primary` or `replica`;
     /// `reason`: `policy`, `token_wait`, `token_primary`, `fallback_primary` or `failover`).
     func decided(connect: String, role: String, reason: String) {
+        _ = waitTimer(connect)  // made with the connect's first decision: exported before its first wait
         let key = "\(connect)\u{0}\(role)\u{0}\(reason)"
         let counter = decisions.withLock { counters in
             if let counter = counters[key] { return counter }
@@ -507,7 +508,11 @@ final class PostgresTopologyMetrics: Sendable {
 
     /// Records how long a read waited for a replica to reach the request's position.
     func waited(_ duration: Duration, connect: String) {
-        let timer = waits.withLock { timers in
+        waitTimer(connect).record(duration: duration)
+    }
+
+    private func waitTimer(_ connect: String) -> Timer {
+        waits.withLock { timers in
             if let timer = timers[connect] { return timer }
             let timer = Timer(
                 label: DBMetricName.consistencyWaitTime,
@@ -517,6 +522,5 @@ final class PostgresTopologyMetrics: Sendable {
             timers[connect] = timer
             return timer
         }
-        timer.record(duration: duration)
     }
 }

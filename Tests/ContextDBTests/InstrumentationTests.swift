@@ -106,6 +106,27 @@ import Tracing
         }
     }
 
+    @Test func theRoutingDecisionIsAnEventOfEachTransactionsSpan() async throws {
+        let database = FakeDatabase()
+        let replica = DBConnect(
+            label: "replica", chooseHost: { _ in DBHostChoice("db2:5432", role: "replica", reason: "token_wait") },
+            instrumentation: DBInstrumentation(metricsFactory: metrics, tracer: tracer)
+        ) { host in try database.makeEngine(host: host) }
+        try await withDBContext {
+            try await replica.session().execute("SELECT")
+            try await replica.commit()
+            try await replica.session().execute("SELECT")
+        }
+        let spans = tracer.finishedSpans.filter { $0.operationName == "transaction" }
+        #expect(spans.count == 2)
+        for span in spans {
+            let event = try #require(span.events.first { $0.name == "contextdb.routing" })
+            #expect(event.attributes.get("contextdb.routing.role") == .string("replica"))
+            #expect(event.attributes.get("contextdb.routing.reason") == .string("token_wait"))
+            #expect(event.attributes.get("server.address") == .string("db2"))
+        }
+    }
+
     @Test func aRolledBackOrFailedTransactionsSpanSaysSo() async throws {
         let database = FakeDatabase()
         let primary = connect(database: database)
