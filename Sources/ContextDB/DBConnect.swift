@@ -62,6 +62,8 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     /// The metrics and tracer of each host, made on its first lease. Not generic: reading it
     /// on every lease costs no type-metadata lookup.
     let instrumentsByHost = Mutex<[String: DBHostInstruments]>([:])
+    /// Failover counters of hosts that have no instruments (they never served a lease).
+    let failoverCounters = Mutex<[String: Counter]>([:])
 
     /// Declares a database. Nothing connects until a session runs its first statement.
     /// - Parameters:
@@ -226,10 +228,17 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     /// Counts a session that moved on from `host` because its first lease failed there.
     func countFailover(from host: String) {
-        let instruments = instrumentsByHost.withLock { $0[host] } ?? DBHostInstruments(
-            instrumentation: instrumentation, label: label, host: host, systemName: Engine.systemName, namespace: nil
-        )
-        instruments.failovers.increment()
+        let counter = instrumentsByHost.withLock { $0[host]?.failovers } ?? failoverCounters.withLock { counters in
+            if let counter = counters[host] { return counter }  // a host that never served a lease
+            let counter = Counter(
+                label: DBMetricName.failovers,
+                dimensions: DBHostInstruments.dimensions(label: label, host: host, systemName: Engine.systemName),
+                factory: instrumentation.metricsFactory ?? MetricsSystem.factory
+            )
+            counters[host] = counter
+            return counter
+        }
+        counter.increment()
     }
 
     /// Shuts down every engine. A later session creates its engine again, lazily.

@@ -1,4 +1,5 @@
 import CoreMetrics
+import Synchronization
 import Tracing
 
 /// Where a connect reports what it does: metrics through swift-metrics, traces through
@@ -38,9 +39,9 @@ public struct DBInstrumentation: Sendable {
     }
 }
 
-/// The names of the metrics ContextDB records. Each has the dimensions `db.system.name`,
-/// `db.client.connection.pool.name` (the connect's label), `server.address` and `server.port`
-/// (the host that served), plus those listed.
+/// The names of the metrics ContextDB records. Each has the dimension `db.system.name`; those of
+/// a connect also `db.client.connection.pool.name` (the connect's label); those of a host also
+/// `server.address` and `server.port` — plus the dimensions listed.
 public enum DBMetricName {
     /// Timer: how long a session waited to lease a connection (OpenTelemetry
     /// `db.client.connection.wait_time`).
@@ -57,7 +58,7 @@ public enum DBMetricName {
     /// by `db.operation.name`, with `error.type` when it failed.
     public static let operationDuration = "db.client.operation.duration"
     /// Counter: ended transactions, by `contextdb.transaction.outcome` (`commit`, `rollback`,
-    /// `commit_failed`).
+    /// `commit_failed`, `commit_unknown` — a `COMMIT` whose answer was lost).
     public static let transactions = "contextdb.transactions"
     /// Counter: sessions that moved to another host because their first lease failed.
     public static let failovers = "contextdb.failovers"
@@ -94,10 +95,12 @@ final class DBRoutingNote: Sendable {
 }
 
 /// How a transaction ended, for ``DBMetricName/transactions`` and its span.
-enum DBTransactionOutcome: String, Sendable {
+enum DBTransactionOutcome: String, Sendable, CaseIterable {
     case commit
     case rollback
     case commitFailed = "commit_failed"
+    /// `COMMIT` was sent and its answer lost: it may have committed.
+    case commitUnknown = "commit_unknown"
 }
 
 /// A connect's metrics and tracer for one host, made once per host: recording is then a call
@@ -123,6 +126,9 @@ package final class DBHostInstruments: Sendable {
     let failovers: Counter
     private let outcomes: [DBTransactionOutcome: Counter]
     private let operations: [String: Timer]
+    /// Timers of statements (`SELECT`, …) and of failures (by operation and `error.type`),
+    /// made on first use and kept: recording is then a lookup, not a registration.
+    private let madeTimers = Mutex<[String: Timer]>([:])
 
     init(instrumentation: DBInstrumentation, label: String, host: String, systemName: String, namespace: String?) {
         let factory = instrumentation.metricsFactory ?? MetricsSystem.factory
@@ -136,14 +142,13 @@ package final class DBHostInstruments: Sendable {
         self.systemName = systemName
         self.namespace = namespace
         (address, port) = Self.split(host)
-        var dimensions = [("db.system.name", systemName), ("db.client.connection.pool.name", label), ("server.address", address)]
-        if let port { dimensions.append(("server.port", String(port))) }
+        let dimensions = Self.dimensions(label: label, host: host, systemName: systemName)
         self.dimensions = dimensions
         waitTime = Timer(label: DBMetricName.connectionWaitTime, dimensions: dimensions, factory: factory)
         useTime = Timer(label: DBMetricName.connectionUseTime, dimensions: dimensions, factory: factory)
         failovers = Counter(label: DBMetricName.failovers, dimensions: dimensions, factory: factory)
         var outcomes: [DBTransactionOutcome: Counter] = [:]
-        for outcome in [DBTransactionOutcome.commit, .rollback, .commitFailed] {
+        for outcome in DBTransactionOutcome.allCases {
             outcomes[outcome] = Counter(
                 label: DBMetricName.transactions,
                 dimensions: dimensions + [("contextdb.transaction.outcome", outcome.rawValue)], factory: factory
@@ -157,6 +162,15 @@ package final class DBHostInstruments: Sendable {
             )
         }
         self.operations = operations
+    }
+
+    /// A host's dimensions: `db.system.name`, `db.client.connection.pool.name`,
+    /// `server.address`, `server.port`.
+    static func dimensions(label: String, host: String, systemName: String) -> [(String, String)] {
+        let (address, port) = split(host)
+        var dimensions = [("db.system.name", systemName), ("db.client.connection.pool.name", label), ("server.address", address)]
+        if let port { dimensions.append(("server.port", String(port))) }
+        return dimensions
     }
 
     /// `"db1:5432"` as address and port; `"[::1]:5432"` as `::1` and 5432; a host without a
@@ -177,18 +191,18 @@ package final class DBHostInstruments: Sendable {
     /// Records an operation's duration; a failed one with its `error.type`.
     func recordOperation(_ name: String, since start: ContinuousClock.Instant, error: (any Error)? = nil) {
         let elapsed = start.duration(to: .now)
-        if let error {
-            Timer(
-                label: DBMetricName.operationDuration,
-                dimensions: dimensions + [("db.operation.name", name), ("error.type", Self.errorType(error))], factory: factory
-            ).record(duration: elapsed)
-        } else if let timer = operations[name] {
-            timer.record(duration: elapsed)
-        } else {
-            Timer(
-                label: DBMetricName.operationDuration, dimensions: dimensions + [("db.operation.name", name)], factory: factory
-            ).record(duration: elapsed)
+        if error == nil, let timer = operations[name] { return timer.record(duration: elapsed) }
+        let errorType = error.map(Self.errorType)
+        let key = errorType.map { name + "\u{0}" + $0 } ?? name
+        let timer = madeTimers.withLock { timers in
+            if let timer = timers[key] { return timer }
+            var dimensions = self.dimensions + [("db.operation.name", name)]
+            if let errorType { dimensions.append(("error.type", errorType)) }
+            let timer = Timer(label: DBMetricName.operationDuration, dimensions: dimensions, factory: factory)
+            timers[key] = timer
+            return timer
         }
+        timer.record(duration: elapsed)
     }
 
     /// An error's `error.type`: a ``DBError``'s code (`connectionLost`), otherwise the error's
@@ -196,6 +210,13 @@ package final class DBHostInstruments: Sendable {
     static func errorType(_ error: any Error) -> String {
         guard let error = error as? DBError else { return String(describing: type(of: error)) }
         return "\(error.code)"
+    }
+
+    /// Marks `span` failed with the error's `error.type` (see ``errorType(_:)``) — not the
+    /// error's text, which may quote a value the server rejected.
+    static func fail(_ span: any Span, with error: any Error) {
+        span.attributes["error.type"] = errorType(error)
+        span.setStatus(SpanStatus(code: .error))
     }
 
     /// Starts a span for a transaction or a statement — a child of `parent` (a statement's

@@ -40,7 +40,7 @@ extension DBSession {
                 throw DBError(.commitFailed, error.message, connect: connect.label, host: host, underlying: error.underlying)
             } catch let error as DBError where error.code == .commitOutcomeUnknown || Self.isLost(lease, after: error) {
                 await connectionLost(error)
-                endTransaction(.commitFailed, error: error)  // also when the outcome is unknown
+                endTransaction(error.code == .commitOutcomeUnknown ? .commitUnknown : .commitFailed, error: error)
                 await leave()
                 if error.code == .commitOutcomeUnknown {
                     throw DBError(.commitOutcomeUnknown, error.message, connect: connect.label, host: host, underlying: error.underlying)

@@ -127,9 +127,10 @@ extension DBSession {
                 $0.trace = trace
             }
         } catch {
-            span?.recordError(error)
-            span?.setStatus(SpanStatus(code: .error))
-            span?.end()
+            if let span {
+                DBHostInstruments.fail(span, with: error)
+                span.end()
+            }
             guard mode.ownsConnection else { throw error }  // the borrowed connection is not ours to close
             state.withLock { $0.phase = .idle }
             await lease.release(reusable: false)
@@ -183,9 +184,10 @@ extension DBSession {
             return result
         } catch {
             instruments.recordOperation(operationName, since: started, error: error)
-            span?.recordError(error)
-            span?.setStatus(SpanStatus(code: .error))
-            span?.end()
+            if let span {
+                DBHostInstruments.fail(span, with: error)
+                span.end()
+            }
             throw error
         }
     }

@@ -67,10 +67,7 @@ final class DBTransactionTrace: Sendable {
         guard let span else { return }
         guard span.isRecording else { return span.end() }
         span.attributes["contextdb.transaction.outcome"] = outcome.rawValue
-        if let error {
-            span.recordError(error)
-            span.setStatus(SpanStatus(code: .error))
-        }
+        if let error { DBHostInstruments.fail(span, with: error) }
         span.end()
     }
 }

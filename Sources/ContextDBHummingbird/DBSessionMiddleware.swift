@@ -64,11 +64,12 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
         do {
             return try await handleInContext(request, context: context, incoming: incoming, next: next)
         } catch let error as DBError where error.code == .commitFailed || error.code == .commitOutcomeUnknown {
-            // Logged here, where the request's logger is: the client only sees a 500.
+            // Logged here, where the request's logger is: the client only sees a 500. The
+            // message (which may quote the server, and so a value) only at debug level.
             context.logger.warning("the request's transaction did not commit", metadata: [
-                "db.connect": "\(error.connect ?? "")", "server.address": "\(error.host ?? "")",
-                "error.type": "\(error.code)", "error.message": "\(error.message)",
+                "db.connect": "\(error.connect ?? "")", "server.address": "\(error.host ?? "")", "error.type": "\(error.code)",
             ])
+            context.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
             throw error
         }
     }

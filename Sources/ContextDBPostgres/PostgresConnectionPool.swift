@@ -23,6 +23,8 @@ final class PostgresConnectionPool: Sendable {
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
         /// Whether `run()` started: until then connects and the timer wait in `jobs`.
         var running = false
+        /// The gauges' values as last published: only a change is published again.
+        var published = (idle: -1, used: -1, pending: -1)
     }
 
     /// How long an unused connection stays open: one minute.
@@ -110,7 +112,16 @@ final class PostgresConnectionPool: Sendable {
     private func withMachine<R>(_ body: (inout State) throws -> R) rethrows -> R {
         try state.withLock { state in
             let result = try body(&state)
-            metrics.publish(idle: state.machine.idleCount, used: state.machine.leasedCount, pending: state.machine.pendingCount)
+            let now = (idle: state.machine.idleCount, used: state.machine.leasedCount, pending: state.machine.pendingCount)
+            if now != state.published {
+                // Under the lock, so the gauges end on the latest values whatever the order of
+                // the threads; only what changed, so most leases publish one value or none.
+                metrics.publish(
+                    idle: now.idle != state.published.idle ? now.idle : nil, used: now.used != state.published.used ? now.used : nil,
+                    pending: now.pending != state.published.pending ? now.pending : nil
+                )
+                state.published = now
+            }
             return result
         }
     }
@@ -369,9 +380,10 @@ final class PostgresPoolMetrics: Sendable {
         timeouts = Counter(label: DBMetricName.connectionTimeouts, dimensions: dimensions, factory: factory)
     }
 
-    func publish(idle: Int, used: Int, pending: Int) {
-        self.idle.record(idle)
-        self.used.record(used)
-        self.pending.record(pending)
+    /// Publishes the values that changed (`nil`: unchanged).
+    func publish(idle: Int?, used: Int?, pending: Int?) {
+        if let idle { self.idle.record(idle) }
+        if let used { self.used.record(used) }
+        if let pending { self.pending.record(pending) }
     }
 }

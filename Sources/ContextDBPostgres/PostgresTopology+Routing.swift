@@ -46,7 +46,9 @@ extension PostgresTopology {
             }
             logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
             metrics.decided(connect: connect.label, role: "primary", reason: "policy")
-            return DBHostChoice(host, retiresOtherHosts: true, role: "primary", reason: "policy", onLeaseFailure: failedOver(connect.label))
+            return DBHostChoice(
+                host, retiresOtherHosts: true, role: "primary", reason: "policy", onLeaseFailure: failedOver(connect.label, hosts: [host])
+            )
         }
     }
 
@@ -91,7 +93,8 @@ extension PostgresTopology {
             var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
             let clock = ContinuousClock()
             let started = clock.now
-            if fit.isEmpty, position != nil, readYourWritesWait > .zero, !snapshot.replicas.isEmpty {
+            let waits = fit.isEmpty && position != nil && readYourWritesWait > .zero && !snapshot.replicas.isEmpty
+            if waits {
                 var pause = Duration.milliseconds(2)
                 while fit.isEmpty, clock.now - started < readYourWritesWait {
                     await refreshForPosition(snapshot.replicas.map(\.endpoint))
@@ -132,14 +135,14 @@ extension PostgresTopology {
                 ]
             )
             let toReplica = !fit.isEmpty
-            if position != nil, waited > .zero { metrics.waited(waited, connect: connect.label) }
+            if waits { metrics.waited(waited, connect: connect.label) }
             let role = toReplica ? "replica" : "primary"
             let decision = toReplica
-                ? (position != nil && waited > .zero ? "token_wait" : "policy")
+                ? (waits ? "token_wait" : "policy")
                 : (position != nil ? "token_primary" : "fallback_primary")
             metrics.decided(connect: connect.label, role: role, reason: decision)
             return DBHostChoice(
-                host, fallbacks: Array(hosts.dropFirst()), role: role, reason: decision, onLeaseFailure: failedOver(connect.label)
+                host, fallbacks: Array(hosts.dropFirst()), role: role, reason: decision, onLeaseFailure: failedOver(connect.label, hosts: hosts)
             )
         }
     }
@@ -175,12 +178,15 @@ extension PostgresTopology {
         }
     }
 
-    /// What a session does when its lease on a chosen host fails: marks the host suspect and
-    /// counts a `failover` decision for the connect (the session moves on to its next host).
-    private func failedOver(_ connect: String) -> @Sendable (String, DBError) -> Void {
+    /// What a session does when its lease on one of `hosts` fails: marks the host suspect and,
+    /// when another host follows it in `hosts` (the session moves on), counts a `failover`
+    /// decision for the connect with the role of the host that takes over.
+    private func failedOver(_ connect: String, hosts: [String]) -> @Sendable (String, DBError) -> Void {
         { [self] host, error in
-            let role = snapshot.hosts.first { $0.endpoint.description == host }?.role.rawValue ?? "unknown"
             markSuspect(host, reason: error.message)
+            guard let index = hosts.firstIndex(of: host), index + 1 < hosts.count else { return }
+            let next = hosts[index + 1]
+            let role = snapshot.hosts.first { $0.endpoint.description == next }?.role.rawValue ?? "unknown"
             metrics.decided(connect: connect, role: role, reason: "failover")
         }
     }

@@ -169,10 +169,24 @@ struct PostgresEngineTests {
         }
         #expect(statements[0].attributes.get("db.query.text") == nil, "no text unless asked for")
         #expect(statements[1].attributes.get("db.query.text") == .string("SELECT length($1)"))
+        // A statement the server rejects, quoting the bound value in its message.
+        let failing = try running(DBConnect(
+            url: TestCluster.primaryURL, instrumentation: DBInstrumentation(tracer: tracer, tracesStatements: true)
+        ))
+        await expectDBError(.commitFailed) {
+            try await withDBContext {
+                _ = await #expect(throws: DBError.self) { try await failing.session().execute("SELECT \(secret)::int") }
+            }
+        }
+        await failing.close()
+        let rejected = try #require(tracer.finishedSpans.last { $0.operationName == "SELECT" })
+        #expect(rejected.attributes.get("error.type") == .string("queryFailed"))
+        #expect(rejected.status?.code == .error)
         for span in tracer.finishedSpans {
             span.attributes.forEach { name, value in
                 #expect(!"\(value)".contains(secret), "\(span.operationName): \(name) holds a bound value")
             }
+            #expect(span.errors.allSatisfy { !"\($0.error)".contains(secret) }, "\(span.operationName): an error holds a bound value")
         }
     }
 }
