@@ -178,21 +178,6 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         }
     }
 
-    /// Takes the engine of `host` out of the connect and returns it, so the caller can drain
-    /// and shut it down (a demoted primary, a host removed from the cluster). Sessions that
-    /// hold its connections keep them until they release; a later session bound to `host`
-    /// creates a new engine.
-    /// - Parameter host: The host whose engine to take out.
-    /// - Returns: The engine, or `nil` when the host has none ready.
-    package func removeEngine(for host: String) -> Engine? {
-        let host = (try? canonical(host)) ?? host
-        return state.withLock { state in
-            guard case .ready(let engine) = state.engines[host] else { return nil }
-            state.engines[host] = nil
-            return engine
-        }
-    }
-
     /// Takes the engines of every host but `host` out and drains them (see
     /// ``DBHostChoice/retiresOtherHosts``).
     private func retireEngines(keeping host: String) {

@@ -230,17 +230,6 @@ import TestSupport
         #expect(database.enginesCreated == ["db1:5432"], "one server, one engine")
         #expect(throws: DBError.self) { try connect.changeHost("db 1") }
     }
-
-    @Test func removeEngineHandsTheEngineOverAndALaterSessionMakesANewOne() async throws {
-        let database = FakeDatabase()
-        let connect = DBConnect.fake(database: database)
-        try await withDBContext { try await connect.session().execute("INSERT") }
-        let removed = connect.removeEngine(for: "db1")
-        #expect(removed?.host == "db1")
-        #expect(connect.engines.isEmpty)
-        try await withDBContext { try await connect.session().execute("INSERT") }
-        #expect(database.enginesCreated == ["db1", "db1"])
-    }
 }
 
 enum Wanted {

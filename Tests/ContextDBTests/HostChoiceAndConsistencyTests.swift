@@ -59,6 +59,9 @@ import TestSupport
         try await withDBContext { try await connect.session().execute("INSERT") }
         try await eventually("the engine of db1 is shut down") { database.enginesShutDown == ["db1"] }
         #expect(database.enginesCreated == ["db1", "db2"])
+        primary.withLock { $0 = "db1" }  // back again: a new engine, not the retired one
+        try await withDBContext { try await connect.session().execute("INSERT") }
+        #expect(database.enginesCreated == ["db1", "db2", "db1"])
         await connect.close()
     }
 
