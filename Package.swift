@@ -106,6 +106,7 @@ let package = Package(
             name: "ContextDBPostgresTests",
             dependencies: [
                 "ContextDBPostgres", "ContextDBTesting", "TestSupport",
+                .product(name: "InMemoryLogging", package: "swift-log"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),

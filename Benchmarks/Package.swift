@@ -11,6 +11,7 @@ let package = Package(
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .executableTarget(
@@ -45,7 +46,11 @@ let package = Package(
         ),
         .executableTarget(
             name: "ProfileHarness",
-            dependencies: [.product(name: "ContextDB", package: "swift-context-db"), "NullEngine"],
+            dependencies: [
+                .product(name: "ContextDB", package: "swift-context-db"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                "NullEngine",
+            ],
             path: "Sources/ProfileHarness"
         ),
         .target(

@@ -22,3 +22,11 @@ eval "$(scripts/pg-cluster.sh env)"
 
 # median: the median of the numbers on standard input (space or newline separated).
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# settle: before each measurement, so no autovacuum or checkpoint of the previous one's rows
+# runs into it (the example's `items` table).
+settle() {
+    PGPASSWORD=$POSTGRES_PASSWORD psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -Atqc \
+        "VACUUM ANALYZE items" -c "CHECKPOINT" >/dev/null
+    sleep 1
+}

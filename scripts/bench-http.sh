@@ -86,12 +86,6 @@ run() { # name port path script → "rps p50 p99"
     echo "$rps $p50 $p99 ${errors:-0}"
 }
 
-settle() { # before each measurement: no autovacuum or checkpoint of the previous one's rows running into it
-    PGPASSWORD=$POSTGRES_PASSWORD psql -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d "$POSTGRES_DB" -Atqc \
-        "VACUUM ANALYZE items" -c "CHECKPOINT" >/dev/null
-    sleep 1
-}
-
 
 servers=(example baseline example+ryow example-noreset example-nometrics)
 printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx

@@ -67,7 +67,7 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
             // Logged here, where the request's logger is: the client only sees a 500. The
             // message (which may quote the server, and so a value) only at debug level.
             context.logger.warning("the request's transaction did not commit", metadata: [
-                "db.connect": "\(error.connect ?? "")", "server.address": "\(error.host ?? "")", "error.type": "\(error.code)",
+                "db.connect": "\(error.connect ?? "")", "db.host": "\(error.host ?? "")", "error.type": "\(error.code)",
             ])
             context.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
             throw error

@@ -288,7 +288,7 @@ final class PostgresConnectionPool: Sendable {
             if connection.isClosed { withMachine { $0.machine.closed(connection) } }
         } catch {
             let failure = DBError(.connectionFailed, PostgresEngine.explain(error), host: host, underlying: error)
-            logger.debug("connect failed", metadata: ["reason": "\(failure.message)"])
+            logger.debug("connect failed", metadata: ["db.host": "\(host)", "error.message": "\(failure.message)"])
             fail(withMachine { $0.machine.connectFailed(failure, now: .now) }, with: failure)
         }
     }

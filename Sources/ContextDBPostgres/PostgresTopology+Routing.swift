@@ -34,7 +34,7 @@ extension PostgresTopology {
                     "no healthy primary among \(describe(snapshot)); is the topology service running, and is a primary up?",
                     connect: connect.label
                 )
-                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "reason": "\(error.message)"])
+                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "error.message": "\(error.message)"])
                 throw error
             }
             let host = primary.endpoint.description
@@ -44,7 +44,7 @@ extension PostgresTopology {
                     "db.connect": "\(connect.label)", "db.hosts": "\(former.joined(separator: ","))", "db.primary": "\(host)",
                 ])
             }
-            logger.debug("routing decision", metadata: ["db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "primary"])
+            logRoutingDecision(connect: connect.label, host: host, role: "primary", reason: "policy")
             metrics.decided(connect: connect.label, role: "primary", reason: "policy")
             return DBHostChoice(
                 host, retiresOtherHosts: true, role: "primary", reason: "policy", onLeaseFailure: failedOver(connect.label, hosts: [host])
@@ -108,9 +108,9 @@ extension PostgresTopology {
             }
             let waited = clock.now - started
             var hosts = order(fit, by: policy).map(\.endpoint.description)
-            var reason = position.map { "replica at or past \($0)" } ?? "replica"
+            var detail = position.map { "replica at or past \($0)" } ?? "replica"
             if hosts.isEmpty {
-                reason = "no fit replica (" + snapshot.hosts.compactMap { host in
+                detail = "no fit replica (" + snapshot.hosts.compactMap { host in
                     host.role == .primary ? nil : host.unfitReason(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
                         .map { "\(host.endpoint): \($0)" }
                 }.joined(separator: "; ") + "), primary"
@@ -124,22 +124,19 @@ extension PostgresTopology {
                     "no replica is fit (\(describe(snapshot))) and fallbackToPrimary is off",
                     connect: connect.label
                 )
-                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "reason": "\(error.message)"])
+                logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "error.message": "\(error.message)"])
                 throw error
             }
-            logger.debug(
-                "routing decision",
-                metadata: [
-                    "db.connect": "\(connect.label)", "db.host": "\(host)", "reason": "\(reason)",
-                    "waited": "\(waited)", "db.fallbacks": "\(hosts.dropFirst().joined(separator: ","))",
-                ]
-            )
             let toReplica = !fit.isEmpty
             if waits { metrics.waited(waited, connect: connect.label) }
             let role = toReplica ? "replica" : "primary"
             let decision = toReplica
                 ? (waits ? "token_wait" : "policy")
                 : (position != nil ? "token_primary" : "fallback_primary")
+            logRoutingDecision(
+                connect: connect.label, host: host, role: role, reason: decision, detail: detail,
+                waited: waits ? waited : nil, fallbacks: hosts.dropFirst()
+            )
             metrics.decided(connect: connect.label, role: role, reason: decision)
             return DBHostChoice(
                 host, fallbacks: Array(hosts.dropFirst()), role: role, reason: decision, onLeaseFailure: failedOver(connect.label, hosts: hosts)
@@ -187,8 +184,28 @@ extension PostgresTopology {
             guard let index = hosts.firstIndex(of: host), index + 1 < hosts.count else { return }
             let next = hosts[index + 1]
             let role = snapshot.hosts.first { $0.endpoint.description == next }?.role.rawValue ?? "unknown"
+            logger.info("failing over to the next host", metadata: [
+                "db.connect": "\(connect)", "db.host": "\(host)", "contextdb.failover.to": "\(next)",
+                "contextdb.routing.role": "\(role)", "error.type": "\(error.code)",
+            ])
             metrics.decided(connect: connect, role: role, reason: "failover")
         }
+    }
+
+    /// The debug line of one routing decision; its keys are listed in "Observing ContextDB".
+    private func logRoutingDecision(
+        connect: String, host: String, role: String, reason: String, detail: String? = nil,
+        waited: Duration? = nil, fallbacks: ArraySlice<String> = []
+    ) {
+        guard logger.logLevel <= .debug else { return }
+        var metadata: Logger.Metadata = [
+            "db.connect": "\(connect)", "db.host": "\(host)",
+            "contextdb.routing.role": "\(role)", "contextdb.routing.reason": "\(reason)",
+        ]
+        if let detail { metadata["contextdb.routing.detail"] = "\(detail)" }
+        if let waited { metadata["contextdb.consistency.wait_time"] = "\(Double(waited.components.seconds) + Double(waited.components.attoseconds) / 1e18)" }
+        if !fallbacks.isEmpty { metadata["contextdb.routing.fallbacks"] = "\(fallbacks.joined(separator: ","))" }
+        logger.debug("routing decision", metadata: metadata)
     }
 
     private func describe(_ snapshot: Snapshot) -> String {

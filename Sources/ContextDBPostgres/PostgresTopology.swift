@@ -234,19 +234,37 @@ public final class PostgresTopology: Service, Sendable {
     }
 
     /// Marks a host down at once — a session could not lease from it. The next good probe
-    /// brings it back.
+    /// brings it back. A host that was healthy is logged as `host down` at warning level.
     /// - Parameters:
     ///   - host: The host, as `"host:port"`.
     ///   - reason: Why, for ``HostStatus/lastError``.
     public func markSuspect(_ host: String, reason: String) {
         let host = (try? PostgresEndpoint(parsing: host).description) ?? host  // `db1` is `db1:5432`
-        state.withLock { snapshot in
-            guard let index = snapshot.hosts.firstIndex(where: { $0.endpoint.description == host }) else { return }
+        let wentDown = state.withLock { snapshot -> PostgresTopology.HostStatus? in
+            guard let index = snapshot.hosts.firstIndex(where: { $0.endpoint.description == host }) else { return nil }
+            let wasHealthy = snapshot.hosts[index].isHealthy
             snapshot.hosts[index].isHealthy = false
             snapshot.hosts[index].consecutiveFailures = max(snapshot.hosts[index].consecutiveFailures, configuration.failuresBeforeDown)
             snapshot.hosts[index].lastError = reason
+            metrics.publish(snapshot.hosts[index])
+            return wasHealthy ? snapshot.hosts[index] : nil
         }
-        logger.info("host marked suspect after a failed lease", metadata: ["db.host": "\(host)", "reason": "\(reason)"])
+        if let wentDown { logHealthChange(wentDown, detectedBy: "lease") }
+    }
+
+    /// Logs a host that went down (warning) or came up or changed role (info); the keys are
+    /// listed in "Observing ContextDB".
+    private func logHealthChange(_ host: HostStatus, detectedBy: String) {
+        var metadata: Logger.Metadata = [
+            "db.host": "\(host.endpoint)", "contextdb.host.role": "\(host.role.rawValue)",
+            "contextdb.host.health": "\(host.isHealthy ? "healthy" : "down")", "contextdb.host.detected_by": "\(detectedBy)",
+        ]
+        if host.isHealthy {
+            logger.info("host up", metadata: metadata)
+        } else {
+            metadata["error.message"] = "\(host.lastError ?? "")"
+            logger.warning("host down", metadata: metadata)
+        }
     }
 
     // MARK: - Probing
@@ -383,8 +401,8 @@ public final class PostgresTopology: Service, Sendable {
     private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>], background: Bool = true) {
         defer { markProbed(results.keys) }
         var unprivilegedWarning = false
-        let changes = state.withLock { snapshot -> [String] in
-            var changes: [String] = []
+        let changes = state.withLock { snapshot -> [HostStatus] in
+            var changes: [HostStatus] = []
             for index in snapshot.hosts.indices {
                 let endpoint = snapshot.hosts[index].endpoint
                 guard let result = results[endpoint] else { continue }
@@ -414,7 +432,7 @@ public final class PostgresTopology: Service, Sendable {
                     host.lastError = (error as? DBError)?.message ?? PostgresEngine.explain(error)
                 }
                 if before != (host.role, host.isHealthy) {
-                    changes.append("\(endpoint): \(host.role.rawValue), \(host.isHealthy ? "healthy" : "down")")
+                    changes.append(host)
                 }
                 snapshot.hosts[index] = host
             }
@@ -437,9 +455,7 @@ public final class PostgresTopology: Service, Sendable {
             }
             return changes
         }
-        for change in changes {
-            logger.info("topology changed", metadata: ["change": "\(change)"])
-        }
+        for host in changes { logHealthChange(host, detectedBy: "probe") }
         if unprivilegedWarning {
             logger.warning(
                 "the probing role may not read pg_stat_wal_receiver's status, so a replica that lost its primary is not detected; grant it pg_monitor"

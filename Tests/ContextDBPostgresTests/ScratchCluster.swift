@@ -90,12 +90,15 @@ struct ScratchCluster {
 func withTopology<R>(
     url: String,
     instrumentation: DBInstrumentation = DBInstrumentation(),
+    logger: Logger = Logger(label: "ContextDB.Topology"),
     _ body: (PostgresTopology) async throws -> R
 ) async throws -> R {
     var configuration = PostgresTopology.Configuration()
     configuration.probeInterval = .milliseconds(100)
     configuration.probeTimeout = .seconds(1)
-    let topology = running(try PostgresTopology(url: url, configuration: configuration, instrumentation: instrumentation))
+    let topology = running(try PostgresTopology(
+        url: url, configuration: configuration, logger: logger, instrumentation: instrumentation
+    ))
     await topology.refresh()
     return try await body(topology)
 }
