@@ -26,6 +26,11 @@
 #   PG_DATABASE      database created        contextdb
 #   PG_OS_USER       unprivileged OS user the servers run as (PostgreSQL refuses root):
 #                    default "postgres" when it exists, else "contextdb" (created when missing)
+#   PG_SSL           "on": the servers accept TLS (ssl = on), with a certificate for the name
+#                    localhost (not for 127.0.0.1) signed by a CA made at init with openssl:
+#                    $PG_CLUSTER_DIR/tls/ca.crt; other-ca.crt is a CA that signed nothing the
+#                    servers use; client.crt/client.key (same CA) log in as role contextdb_cert,
+#                    which may log in only with that certificate. Default off.
 #
 # PostgreSQL is installed with apt-get when no server binaries are found.
 set -euo pipefail
@@ -37,6 +42,7 @@ PG_USER=${PG_USER:-contextdb}
 PG_PASSWORD=${PG_PASSWORD:-contextdb}
 PG_DATABASE=${PG_DATABASE:-contextdb}
 PG_CLUSTER_DIR=${PG_CLUSTER_DIR:-${TMPDIR:-/tmp}/contextdb-pg-$PG_PRIMARY_PORT}
+PG_SSL=${PG_SSL:-off}
 
 log() { echo "pg-cluster: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -151,9 +157,50 @@ CONF
     cat >> "$dir/pg_hba.conf" <<HBA
 host replication all 127.0.0.1/32 scram-sha-256
 HBA
+    [ "$PG_SSL" = on ] && init_tls "$dir"
     start_server "$dir"
     PGPASSWORD=$PG_PASSWORD "$BIN/psql" -h 127.0.0.1 -p "$PG_PRIMARY_PORT" -U "$PG_USER" -d postgres -Atqc \
         "CREATE DATABASE \"$PG_DATABASE\"" >/dev/null
+    if [ "$PG_SSL" = on ]; then
+        PGPASSWORD=$PG_PASSWORD "$BIN/psql" -h 127.0.0.1 -p "$PG_PRIMARY_PORT" -U "$PG_USER" -d postgres -Atqc \
+            "CREATE ROLE contextdb_cert LOGIN" >/dev/null
+    fi
+}
+
+# init_tls DATADIR: a CA, a server certificate it signed for the name localhost only, a client
+# certificate (role contextdb_cert), another CA, and ssl = on in DATADIR's configuration
+# (replicas copy it with the base backup).
+init_tls() {
+    command -v openssl >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl; }
+    ssl() { local out; out=$(openssl "$@" 2>&1) || { printf '%s\n' "$out" >&2; die "openssl $1 failed"; }; }
+    local tls=$PG_CLUSTER_DIR/tls
+    mkdir -p "$tls"
+    ssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=ContextDB test CA" \
+        -keyout "$tls/ca.key" -out "$tls/ca.crt"
+    ssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=Another test CA" \
+        -keyout "$tls/other-ca.key" -out "$tls/other-ca.crt"
+    ssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tls/server.key" -out "$tls/server.csr"
+    printf 'subjectAltName = DNS:localhost\n' > "$tls/server.ext"
+    ssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
+        -days 2 -extfile "$tls/server.ext" -out "$tls/server.crt"
+    ssl req -newkey rsa:2048 -nodes -subj "/CN=contextdb_cert" \
+        -keyout "$tls/client.key" -out "$tls/client.csr"
+    ssl x509 -req -in "$tls/client.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" -CAcreateserial \
+        -days 2 -out "$tls/client.crt"
+    chmod 644 "$tls"/*.crt
+    chmod 600 "$tls"/*.key
+    chown -R "$OS_USER" "$tls" 2>/dev/null || true
+    cat >> "$1/postgresql.conf" <<CONF
+ssl = on
+ssl_cert_file = '$tls/server.crt'
+ssl_key_file = '$tls/server.key'
+ssl_ca_file = '$tls/ca.crt'
+CONF
+    # First match wins: the certificate role's line goes before the password lines.
+    { printf 'hostssl all contextdb_cert 127.0.0.1/32 cert\n'; cat "$1/pg_hba.conf"; } > "$1/pg_hba.conf.new"
+    mv "$1/pg_hba.conf.new" "$1/pg_hba.conf"
+    chown "$OS_USER" "$1/pg_hba.conf" 2>/dev/null || true
 }
 
 init_replica() { # n

@@ -116,7 +116,30 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         if let host { scope.append("host \(host)") }
         if !scope.isEmpty { text += " (\(scope.joined(separator: ", ")))" }
         text += ": \(message)"
-        if let underlying { text += " [cause: \(String(describing: underlying))]" }
+        if let underlying { text += " [cause: \(Self.redactingSourcePaths(String(describing: underlying)))]" }
         return text
+    }
+
+    /// `text` without the source locations some libraries put in their errors' descriptions
+    /// (BoringSSL's `… at /path/of/the/build/handshake.cc:393`): a build's paths mean nothing to
+    /// the reader of an error and tell an attacker about the build.
+    /// - Parameter text: An error's description.
+    /// - Returns: `text` with each ` at /…:<line>` removed.
+    public static func redactingSourcePaths(_ text: String) -> String {
+        var result = ""
+        var rest = Substring(text)
+        while let marker = rest.firstRange(of: " at /") {
+            // The path runs to the first character that cannot be in it here; then ":<digits>".
+            let path = rest[marker.upperBound...].prefix { !" )]},;\"'\n".contains($0) }
+            let line = path.lastIndex(of: ":").map { path[path.index(after: $0)...].prefix(while: \.isNumber) }
+            guard let line, !line.isEmpty else {
+                result += rest[..<marker.upperBound]
+                rest = rest[marker.upperBound...]
+                continue
+            }
+            result += rest[..<marker.lowerBound]
+            rest = rest[line.endIndex...]
+        }
+        return result + rest
     }
 }

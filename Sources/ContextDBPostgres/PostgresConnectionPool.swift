@@ -287,7 +287,7 @@ final class PostgresConnectionPool: Sendable {
             // Closed while it was being set up: its close callback found nothing to remove.
             if connection.isClosed { withMachine { $0.machine.closed(connection) } }
         } catch {
-            let failure = DBError(.connectionFailed, PostgresEngine.explain(error), host: host, underlying: error)
+            let failure = DBError(.connectionFailed, PostgresEngine.explain(error, host: host), host: host, underlying: error)
             logger.debug("connect failed", metadata: ["db.host": "\(host)", "error.message": "\(failure.message)"])
             fail(withMachine { $0.machine.connectFailed(failure, now: .now) }, with: failure)
         }

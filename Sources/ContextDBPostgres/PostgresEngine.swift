@@ -1,6 +1,7 @@
 import ContextDB
 import CoreMetrics
 import Logging
+import NIOSSL
 import PostgresNIO
 import ServiceLifecycle
 import Synchronization
@@ -155,8 +156,13 @@ public final class PostgresEngine: DatabaseEngine {
         do {
             connection = try url.connectionConfiguration(for: endpoint)
         } catch {
+            let files = [("sslrootcert", url.sslRootCert), ("sslcert", url.sslCert), ("sslkey", url.sslKey)]
+                .compactMap { name, path in path.map { "\(name)=\($0)" } }
             throw DBError(
-                .invalidConfiguration, "could not set up TLS for sslmode=\(url.sslMode.rawValue)",
+                .invalidConfiguration,
+                "could not set up TLS for sslmode=\(url.sslMode.rawValue)"
+                    + (files.isEmpty ? "" : " with \(files.joined(separator: ", ")); check that each file is PEM (a key not encrypted)")
+                    + ": \(DBError.redactingSourcePaths(String(describing: error)))",
                 host: endpoint.description, underlying: error
             )
         }
@@ -426,22 +432,55 @@ public final class PostgresEngine: DatabaseEngine {
 
     // MARK: - Errors
 
-    /// A sentence for a connection failure: the server's own reason when it gave one.
-    static func explain(_ error: any Error) -> String {
+    /// A sentence for a connection failure: the server's own reason when it gave one; for a TLS
+    /// failure, which check failed and the fix. Never a source path of the build.
+    /// - Parameter host: The server, `host:port`, named in TLS failures.
+    static func explain(_ error: any Error, host: String? = nil) -> String {
         guard let error = error as? PSQLError else {
-            return "could not connect: \(error)"
+            return explainTLS(error, host: host) ?? "could not connect: \(DBError.redactingSourcePaths(String(describing: error)))"
         }
         switch error.code {
         case .server:
             let message = error.serverInfo?[.message] ?? "no message"
             let state = error.serverInfo?[.sqlState] ?? "?"
             return "the server refused the connection: \(message) (SQLSTATE \(state)); check the user, password and database"
+        case .sslUnsupported:
+            return "TLS: the server\(host.map { " at \($0)" } ?? "") does not accept TLS connections, and this connect requires TLS "
+                + "(sslmode=require, verify-ca or verify-full); turn ssl on in the server's postgresql.conf, "
+                + "or use sslmode=prefer (TLS when the server offers it) or sslmode=disable"
         case .connectionError:
-            return "could not reach the server: \(error.underlying.map { "\($0)" } ?? "connection error"); check the host, the port and that the server runs"
+            if let underlying = error.underlying, let tls = explainTLS(underlying, host: host) { return tls }
+            let reason = error.underlying.map { DBError.redactingSourcePaths(String(describing: $0)) } ?? "connection error"
+            return "could not reach the server: \(reason); check the host, the port and that the server runs"
         case .poolClosed:
             return "the engine was shut down (DBConnect.close()); a new session creates a new engine"
         default:
             return "could not connect (\(error.code)); check the host, port, TLS settings and credentials"
+        }
+    }
+
+    /// A sentence for a failed TLS handshake (swift-nio-ssl's errors), or `nil` for another error.
+    static func explainTLS(_ error: any Error, host: String?) -> String? {
+        let server = host.map { "of \($0) " } ?? ""
+        if let error = error as? NIOSSLExtraError, error == .failedToValidateHostname {
+            return "TLS: the server's certificate does not name the host \(host ?? "") (sslmode=verify-full checks the name); "
+                + "connect by a name the certificate lists in its subjectAltName, or use sslmode=verify-ca to check only that a trusted CA signed it"
+        }
+        guard let error = error as? NIOSSLError else { return nil }
+        switch error {
+        case .handshakeFailed(let reason):
+            let text = String(describing: reason)
+            if text.contains("CERTIFICATE_VERIFY_FAILED") {
+                return "TLS: the certificate \(server)failed verification: no CA this client trusts signed it, or it is expired or not yet valid; "
+                    + "pass the CA that signed it with sslrootcert=<file.pem> (or TLSConfiguration.trustRoots), "
+                    + "or use sslmode=require to encrypt without verifying the server"
+            }
+            // BoringSSL's reason code: "error:…:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER at <file>:<line>".
+            let code = text.firstRange(of: "OPENSSL_internal:").map { text[$0.upperBound...].prefix { $0.isUppercase || $0.isNumber || $0 == "_" } }
+            return "TLS: the handshake with the server \(server)failed (\(code.map(String.init) ?? "no reason given")); "
+                + "check that sslmode and the server's TLS settings (ssl, its certificate, ssl_min_protocol_version) agree"
+        default:
+            return "TLS: the connection \(server)failed (\(error)); check sslmode and the server's TLS settings"
         }
     }
 }

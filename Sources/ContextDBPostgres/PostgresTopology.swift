@@ -429,7 +429,7 @@ public final class PostgresTopology: Service, Sendable {
                 case .failure(let error):
                     host.consecutiveFailures += 1
                     host.isHealthy = host.consecutiveFailures < configuration.failuresBeforeDown && host.role != .unknown
-                    host.lastError = (error as? DBError)?.message ?? PostgresEngine.explain(error)
+                    host.lastError = (error as? DBError)?.message ?? PostgresEngine.explain(error, host: endpoint.description)
                 }
                 if before != (host.role, host.isHealthy) {
                     changes.append(host)

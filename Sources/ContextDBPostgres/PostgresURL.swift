@@ -1,13 +1,16 @@
 import ContextDB
 import Foundation
+import NIOSSL
 import PostgresNIO
 
 /// A libpq-style connection URI: `postgresql://user:password@host1:5432,host2:5433/db?sslmode=disable`.
 ///
 /// Several hosts are allowed; which one serves a session is the connect's choice. Recognised
-/// query parameters: `sslmode` (`disable`, `allow`, `prefer` — the default —, `require`,
-/// `verify-ca`, `verify-full`), `application_name`, `connect_timeout` (seconds). Others are
-/// rejected, so a typo never goes unnoticed.
+/// query parameters, with libpq's meanings (PostgreSQL docs, "Parameter Key Words" and
+/// "SSL Support"): `sslmode` (`disable`, `allow`, `prefer` — the default —, `require`,
+/// `verify-ca`, `verify-full`), `sslrootcert` (a PEM file of trusted CAs, or `system`),
+/// `sslcert` and `sslkey` (a client certificate and its key, PEM), `application_name`,
+/// `connect_timeout` (seconds). Others are rejected, so a typo never goes unnoticed.
 ///
 /// The ``description`` masks the password.
 public struct PostgresURL: Sendable, CustomStringConvertible {
@@ -25,6 +28,20 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     public var applicationName: String?
     /// The `connect_timeout` parameter. Default 10 seconds.
     public var connectTimeout: Duration
+    /// The `sslrootcert` parameter: the path of a PEM file with the CAs that may sign the
+    /// server's certificate (instead of the system's), or `system` for the system's CAs.
+    ///
+    /// As in libpq, a file makes `sslmode=require` check the chain as `verify-ca` does, and
+    /// `system` requires `sslmode=verify-full` (its default then). `nil`: the system's CAs for
+    /// `verify-ca` and `verify-full`.
+    public var sslRootCert: String?
+    /// The `sslcert` parameter: the path of the client's certificate (PEM, read when the URI is
+    /// parsed), for servers that authenticate clients by certificate (`pg_hba.conf` method
+    /// `cert`). Given with ``sslKey``.
+    public var sslCert: String?
+    /// The `sslkey` parameter: the path of the client certificate's private key (PEM, not
+    /// encrypted, read when the URI is parsed). Given with ``sslCert``.
+    public var sslKey: String?
 
     /// Parses a URI.
     /// - Parameter string: A `postgresql://` or `postgres://` URI.
@@ -93,6 +110,7 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         self.sslMode = .prefer
         self.applicationName = nil
         self.connectTimeout = .seconds(10)
+        var explicitSSLMode: PostgresSSLMode?
 
         for pair in query.split(separator: "&") where !pair.isEmpty {
             let keyValue = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
@@ -105,7 +123,22 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                 guard let mode = PostgresSSLMode(rawValue: value) else {
                     throw invalid("sslmode \"\(value)\" is not one of \(PostgresSSLMode.allCases.map(\.rawValue).joined(separator: ", "))")
                 }
-                sslMode = mode
+                explicitSSLMode = mode
+            case "sslrootcert":
+                guard value == "system" || FileManager.default.isReadableFile(atPath: value) else {
+                    throw invalid("sslrootcert \"\(value)\" is not a readable file (a PEM file of CA certificates, or system)")
+                }
+                sslRootCert = value
+            case "sslcert":
+                guard (try? NIOSSLCertificate.fromPEMFile(value))?.isEmpty == false else {
+                    throw invalid("sslcert \"\(value)\" is not a readable PEM file of certificates")
+                }
+                sslCert = value
+            case "sslkey":
+                guard (try? NIOSSLPrivateKey(file: value, format: .pem)) != nil else {
+                    throw invalid("sslkey \"\(value)\" is not a readable PEM private key (not encrypted)")
+                }
+                sslKey = value
             case "application_name":
                 applicationName = value
             case "connect_timeout":
@@ -114,8 +147,22 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                 }
                 connectTimeout = .seconds(seconds)
             default:
-                throw invalid("the parameter \"\(key)\" is not supported (supported: sslmode, application_name, connect_timeout)")
+                throw invalid(
+                    "the parameter \"\(key)\" is not supported (supported: sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout)"
+                )
             }
+        }
+        if sslRootCert == "system" {
+            // libpq 16: `sslrootcert=system` defaults to, and only allows, verify-full.
+            if let explicitSSLMode, explicitSSLMode != .verifyFull {
+                throw invalid("sslrootcert=system requires sslmode=verify-full (as in libpq), not \(explicitSSLMode.rawValue)")
+            }
+            sslMode = .verifyFull
+        } else if let explicitSSLMode {
+            sslMode = explicitSSLMode
+        }
+        guard (sslCert == nil) == (sslKey == nil) else {
+            throw invalid("sslcert and sslkey go together: name the client certificate and its key")
         }
     }
 
@@ -126,6 +173,9 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         text += "@" + endpoints.map(\.description).joined(separator: ",")
         if let database { text += "/\(database)" }
         text += "?sslmode=\(sslMode.rawValue)"
+        if let sslRootCert { text += "&sslrootcert=\(sslRootCert)" }
+        if let sslCert { text += "&sslcert=\(sslCert)" }
+        if let sslKey { text += "&sslkey=\(sslKey)" }
         return text
     }
 
@@ -138,14 +188,26 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         }
     }
 
-    /// The certificate checks `sslmode` asks for: none below `verify-ca`, the chain for
-    /// `verify-ca`, the chain and the host name for `verify-full`.
+    /// The certificate checks `sslmode` asks for: none below `verify-ca` (but the chain for
+    /// `require` with an `sslrootcert` file, as in libpq), the chain for `verify-ca`, the chain
+    /// and the host name for `verify-full`; the trusted CAs of `sslrootcert`, and the client
+    /// certificate of `sslcert` and `sslkey`.
     var tlsConfiguration: TLSConfiguration {
         var configuration = TLSConfiguration.makeClientConfiguration()
+        let rootFile = sslRootCert.flatMap { $0 == "system" ? nil : $0 }
         switch sslMode {
         case .verifyFull: break
         case .verifyCA: configuration.certificateVerification = .noHostnameVerification
+        case .require where rootFile != nil: configuration.certificateVerification = .noHostnameVerification
         case .disable, .allow, .prefer, .require: configuration.certificateVerification = .none
+        }
+        if let rootFile { configuration.trustRoots = .file(rootFile) }
+        // Checked when the URI was parsed; a file broken since then sends no client certificate,
+        // and the server says that it wants one.
+        if let sslCert, let sslKey, let chain = try? NIOSSLCertificate.fromPEMFile(sslCert),
+           let key = try? NIOSSLPrivateKey(file: sslKey, format: .pem) {
+            configuration.certificateChain = chain.map { .certificate($0) }
+            configuration.privateKey = .privateKey(key)
         }
         return configuration
     }
@@ -199,7 +261,8 @@ public enum PostgresSSLMode: String, CaseIterable, Sendable, Hashable {
     case allow
     /// TLS when the server offers it, without certificate checks. The default.
     case prefer
-    /// TLS always, without certificate checks.
+    /// TLS always, without certificate checks — but with an `sslrootcert` file, the chain is
+    /// checked as for ``verifyCA`` (libpq's rule).
     case require
     /// TLS always; the server's certificate chain must be trusted.
     case verifyCA = "verify-ca"

@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import Foundation
 import PostgresNIO
 import Testing
 import TestSupport
@@ -34,6 +35,71 @@ import TestSupport
         let error = await expectDBError(code) { _ = try DBConnect(label: "primary", url: uri) }
         #expect(error?.description.contains("secretpw") == false)
         #expect(error?.connect == "primary")
+    }
+
+    /// A throwaway self-signed certificate and its key (PEM), written to a temporary file each:
+    /// the parser reads `sslcert` and `sslkey`.
+    static let certificatePEM = """
+        -----BEGIN CERTIFICATE-----
+        MIIBkTCCATegAwIBAgIUF9gj6M8RjRZu/h5muowd5VEw3lowCgYIKoZIzj0EAwIw
+        HTEbMBkGA1UEAwwSQ29udGV4dERCIFVSTCB0ZXN0MCAXDTI2MTEzMDEzMjUxMVoY
+        DzIxMjYxMTA2MTMyNTExWjAdMRswGQYDVQQDDBJDb250ZXh0REIgVVJMIHRlc3Qw
+        WTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAASsa/xfxKNAq+6UIlGRQiC96BIsxeiW
+        88N9F6hnxl7vVthmE4NIH2wW8buszMLs9izI65p5XRWXmm2+3QwWaA+8o1MwUTAd
+        BgNVHQ4EFgQUtoIs3FAOP2kmdIJQ7H+i5K4s/QkwHwYDVR0jBBgwFoAUtoIs3FAO
+        P2kmdIJQ7H+i5K4s/QkwDwYDVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBF
+        AiAWSSJ/LCsv8WCx6Ol+iIvBkO6XIbQl5zLG2c1p85ev6AIhAMoe54nQWVVApjxW
+        h38MOt5Rz8HUgKNqiQ0Fx8TtY12g
+        -----END CERTIFICATE-----
+        """
+    static let keyPEM = """
+        -----BEGIN PRIVATE KEY-----
+        MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQggzCIBf78boo/1VHd
+        6DbC4fe3iiEBHsAQSozZ/D+/z2+hRANCAASsa/xfxKNAq+6UIlGRQiC96BIsxeiW
+        88N9F6hnxl7vVthmE4NIH2wW8buszMLs9izI65p5XRWXmm2+3QwWaA+8
+        -----END PRIVATE KEY-----
+        """
+    static func temporaryFile(_ contents: String, _ name: String) throws -> String {
+        let path = FileManager.default.temporaryDirectory
+            .appendingPathComponent("contextdb-url-test-\(UInt32.random(in: 0...UInt32.max))-\(name)").path
+        try contents.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    @Test func readsTheTLSFileParametersAsLibpqDoes() throws {
+        let certificate = try Self.temporaryFile(Self.certificatePEM, "client.crt")
+        let key = try Self.temporaryFile(Self.keyPEM, "client.key")
+        defer { for file in [certificate, key] { try? FileManager.default.removeItem(atPath: file) } }
+        let url = try PostgresURL(
+            "postgresql://u@h/db?sslmode=require&sslrootcert=\(certificate)&sslcert=\(certificate)&sslkey=\(key)"
+        )
+        #expect(url.sslMode == .require)
+        #expect(url.sslRootCert == certificate)
+        #expect(url.sslCert == certificate && url.sslKey == key)
+        #expect(url.description.contains("sslrootcert=\(certificate)"))
+        // `system` means the system's CAs, and makes verify-full the default (libpq 16).
+        #expect(try PostgresURL("postgresql://u@h/db?sslrootcert=system").sslMode == .verifyFull)
+    }
+
+    @Test func aClientCertificateNeedsItsKey() async throws {
+        let certificate = try Self.temporaryFile(Self.certificatePEM, "client.crt")
+        defer { try? FileManager.default.removeItem(atPath: certificate) }
+        let error = await expectDBError(.invalidConfiguration) {
+            _ = try PostgresURL("postgresql://u@h/db?sslmode=require&sslcert=\(certificate)")
+        }
+        #expect(error?.message.contains("sslcert and sslkey go together") == true)
+    }
+
+    @Test(arguments: [
+        ("sslrootcert=/no/such/ca.pem", "sslrootcert \"/no/such/ca.pem\" is not a readable file"),
+        ("sslmode=require&sslrootcert=system", "sslrootcert=system requires sslmode=verify-full"),
+        ("sslcert=\(#filePath)", "sslcert \"\(#filePath)\" is not a readable PEM file of certificates"),
+        ("sslkey=/no/such/key.pem", "sslkey \"/no/such/key.pem\" is not a readable PEM private key"),
+    ])
+    func rejectsTLSParametersItCannotHonour(query: String, problem: String) async throws {
+        let error = await expectDBError(.invalidConfiguration) { _ = try PostgresURL("postgresql://u:secretpw@h/db?\(query)") }
+        #expect(error?.message.contains(problem) == true, "\(String(describing: error))")
+        #expect(error?.description.contains("secretpw") == false)
     }
 }
 

@@ -14,8 +14,18 @@ import TestSupport
 struct ScratchCluster {
     let primaryPort: Int
     let replicas: Int
+    /// Started with `PG_SSL=on`: TLS with the certificates in ``tlsDirectory``.
+    var tls = false
 
-    var replicaPorts: [Int] { (1...replicas).map { primaryPort + $0 } }
+    var replicaPorts: [Int] { (0..<replicas).map { primaryPort + 1 + $0 } }
+    /// Where `PG_SSL=on` put the CA (`ca.crt`), another CA (`other-ca.crt`) and a client
+    /// certificate for the role `contextdb_cert` (`client.crt`, `client.key`).
+    var tlsDirectory: String { directory + "/tls" }
+    /// The cluster's folder (`pg-cluster.sh`'s default): `primary/server.log` is the primary's log.
+    var directory: String {
+        let temporary = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        return temporary + "/contextdb-pg-\(primaryPort)"
+    }
     var url: String {
         let hosts = ([primaryPort] + replicaPorts).map { "127.0.0.1:\($0)" }.joined(separator: ",")
         return "postgresql://\(TestCluster.user):\(TestCluster.password)@\(hosts)/\(TestCluster.database)?sslmode=disable&connect_timeout=2"
@@ -23,8 +33,10 @@ struct ScratchCluster {
     func endpoint(_ port: Int) -> String { "127.0.0.1:\(port)" }
 
     /// Starts a cluster, runs `body`, and removes the cluster whatever happens.
-    static func with<R>(primaryPort: Int, replicas: Int = 1, _ body: (ScratchCluster) async throws -> R) async throws -> R {
-        let cluster = ScratchCluster(primaryPort: primaryPort, replicas: replicas)
+    static func with<R>(
+        primaryPort: Int, replicas: Int = 1, tls: Bool = false, _ body: (ScratchCluster) async throws -> R
+    ) async throws -> R {
+        let cluster = ScratchCluster(primaryPort: primaryPort, replicas: replicas, tls: tls)
         try await cluster.run("start")
         do {
             let result = try await body(cluster)
@@ -50,6 +62,7 @@ struct ScratchCluster {
         environment["PG_REPLICA_PORT"] = "\(primaryPort + 1)"
         environment["PG_REPLICAS"] = "\(replicas)"
         environment["PG_CLUSTER_DIR"] = nil
+        environment["PG_SSL"] = tls ? "on" : "off"
         let logPath = FileManager.default.temporaryDirectory
             .appendingPathComponent("pg-cluster-\(primaryPort)-\(UInt32.random(in: 0...UInt32.max)).log").path
         defer { try? FileManager.default.removeItem(atPath: logPath) }
