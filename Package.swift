@@ -14,12 +14,15 @@ let package = Package(
         .library(name: "ContextDB", targets: ["ContextDB"]),
         .library(name: "ContextDBPostgres", targets: ["ContextDBPostgres"]),
         .library(name: "ContextDBHummingbird", targets: ["ContextDBHummingbird"]),
+        .library(name: "ContextDBVapor", targets: ["ContextDBVapor"]),
         .library(name: "ContextDBTesting", targets: ["ContextDBTesting"]),
         .executable(name: "ContextDBExample", targets: ["ContextDBExample"]),
+        .executable(name: "ContextDBVaporExample", targets: ["ContextDBVaporExample"]),
     ],
     dependencies: [
         .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/vapor/vapor", from: "4.122.3"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
@@ -61,10 +64,44 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .target(
+            name: "ContextDBVapor",
+            dependencies: [
+                "ContextDB",
+                .product(name: "Vapor", package: "vapor"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
             name: "ContextDBTesting",
             dependencies: [
                 "ContextDB",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // What the Hummingbird and the Vapor example share: the database, the routes' logic and
+        // their answers, free of either framework.
+        .target(
+            name: "ContextDBExampleSupport",
+            dependencies: [
+                "ContextDB",
+                "ContextDBPostgres",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "ContextDBVaporExample",
+            dependencies: [
+                "ContextDB",
+                "ContextDBPostgres",
+                "ContextDBVapor",
+                "ContextDBExampleSupport",
+                .product(name: "Vapor", package: "vapor"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -74,6 +111,7 @@ let package = Package(
                 "ContextDB",
                 "ContextDBPostgres",
                 "ContextDBHummingbird",
+                "ContextDBExampleSupport",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -117,6 +155,8 @@ let package = Package(
             name: "ContextDBHummingbirdTests",
             dependencies: [
                 "ContextDBExample",
+                "ContextDBExampleSupport",
+                "ExampleTestSupport",
                 "ContextDBHummingbird",
                 "ContextDBPostgres",
                 "ContextDBTesting",
@@ -126,6 +166,30 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "MetricsTestKit", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .target(
+            name: "ExampleTestSupport",
+            dependencies: [
+                "ContextDB", "ContextDBPostgres", "ContextDBExampleSupport", "ContextDBTesting", "TestSupport",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
+            path: "Tests/ExampleTestSupport",
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ContextDBVaporTests",
+            dependencies: [
+                "ContextDBVaporExample",
+                "ContextDBVapor",
+                "ContextDBExampleSupport",
+                "ContextDBPostgres",
+                "ContextDBTesting",
+                "ExampleTestSupport",
+                "TestSupport",
+                .product(name: "VaporTesting", package: "vapor"),
+                .product(name: "Vapor", package: "vapor"),
             ],
             swiftSettings: swiftSettings
         ),

@@ -3,7 +3,9 @@
 # route with curl, printing what happened: the status, the rows left in the table, the
 # X-WAL-LSN cookie, and which host served each read. Stops everything at the end.
 #
-# Usage: scripts/demo.sh [--serve]
+# Usage: scripts/demo.sh [--vapor] [--serve]
+#   --vapor   the Vapor example (ContextDBVaporExample) instead of the Hummingbird one: the
+#             same routes, statuses, bodies and cookies
 #   --serve   leave the cluster and the app running (stop them with: kill <pid>;
 #             scripts/pg-cluster.sh stop)
 # Settings: DEMO_PORT (default 8080) and the scripts/pg-cluster.sh settings.
@@ -11,7 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 serve=false
-[ "${1:-}" = "--serve" ] && serve=true
+product=ContextDBExample
+for argument in "$@"; do
+    case $argument in
+        --serve) serve=true ;;
+        --vapor) product=ContextDBVaporExample ;;
+        *) echo "usage: scripts/demo.sh [--vapor] [--serve]" >&2; exit 2 ;;
+    esac
+done
 port=${DEMO_PORT:-8080}
 
 command -v curl >/dev/null || { apt-get update -q && apt-get install -y -q curl; }
@@ -29,10 +38,10 @@ export PG_REPLICAS=${PG_REPLICAS:-2}
 scripts/pg-cluster.sh start
 eval "$(scripts/pg-cluster.sh env)"
 
-echo "== building the example (a first build takes several minutes; progress below)"
+echo "== building $product (a first build takes several minutes; progress below)"
 build_log=$(mktemp)
 # One line per finished build step, overwritten in place; the whole log when the build fails.
-if ! swift build --product ContextDBExample 2>&1 | tee "$build_log" \
+if ! swift build --product "$product" 2>&1 | tee "$build_log" \
         | while IFS= read -r line; do printf '\r\033[K%.100s' "$line"; done; then
     echo
     echo "== the build failed; its whole output:" >&2
@@ -41,7 +50,7 @@ if ! swift build --product ContextDBExample 2>&1 | tee "$build_log" \
 fi
 echo
 rm -f "$build_log"
-bin=$(swift build --product ContextDBExample --show-bin-path)/ContextDBExample
+bin=$(swift build --product "$product" --show-bin-path)/$product
 
 echo "== starting it on 127.0.0.1:$port (DATABASE_URL=${DATABASE_URL/:$POSTGRES_PASSWORD@/:***@})"
 "$bin" --hostname 127.0.0.1 --port "$port" > /tmp/contextdb-demo-app.log 2>&1 &

@@ -26,6 +26,18 @@ extension DBContext {
         set { consistency.update { _ in newValue } }
     }
 
+    /// A read-your-own-writes token as a client sent it back (a cookie or a header), or `nil`
+    /// when it cannot be one: empty, longer than 64 characters, or with whitespace, `;` or a
+    /// character outside ASCII. The engine validates the rest. The middlewares use it.
+    /// - Parameter value: The cookie's or the header's value, if the request had one.
+    /// - Returns: `value`, or `nil`.
+    public static func consistencyToken(fromClient value: String?) -> String? {
+        guard let value, !value.isEmpty, value.count <= 64, value.allSatisfy({ $0.isASCII && !$0.isWhitespace && $0 != ";" }) else {
+            return nil
+        }
+        return value
+    }
+
     /// Changes ``consistencyToken`` atomically, so concurrent commits in one request keep the
     /// newest position.
     /// - Parameter update: Given the current token, returns the new one.

@@ -1,4 +1,5 @@
 import ContextDB
+import ContextDBExampleSupport
 import ContextDBHummingbird
 import Hummingbird
 import Logging
@@ -43,9 +44,5 @@ func buildRouter(database: ExampleDatabase, tracing: Bool = false) -> Router<Bas
     if tracing { router.add(middleware: TracingMiddleware()) }  // outside the session middleware: its span is the parent
     router.add(middleware: DBSessionMiddleware())
     ExampleRoutes(database: database).add(to: router)
-    ItemRoutes(database: database).add(to: router)
-    TopologyRoutes(
-        topology: database.topology, maximumLagBytes: database.maximumLagBytes, maximumLag: database.maximumLag
-    ).add(to: router)
     return router
 }

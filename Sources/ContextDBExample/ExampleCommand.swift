@@ -1,5 +1,6 @@
 import ArgumentParser
 import ContextDB
+import ContextDBExampleSupport
 import ContextDBPostgres
 import Foundation
 import Hummingbird
@@ -38,13 +39,7 @@ struct ExampleCommand: AsyncParsableCommand {
     func run() async throws {
         var logger = Logger(label: "ContextDBExample")
         logger.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap { Logger.Level(rawValue: $0) } ?? .info
-        let url = ProcessInfo.processInfo.environment["DATABASE_URL"] ?? ExampleDatabase.localClusterURL
         let environment = ProcessInfo.processInfo.environment
-        let maximumLagBytes = environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) } ?? PostgresTopology.defaultMaximumLagBytes
-        let maximumLag = environment["REPLICA_MAX_LAG_SECONDS"].flatMap { Int64($0) }.map { Duration.seconds($0) }
-            ?? PostgresTopology.defaultMaximumLag
-        let readYourWrites = environment["READ_YOUR_WRITES"] != "off"
-        let resetsSessionState = environment["RESET_SESSION_STATE"] != "off"
         // Metrics of the whole process (ContextDB's and Hummingbird's) go to one registry.
         var registry: PrometheusCollectorRegistry?
         if environment["METRICS"] != "off" {
@@ -59,9 +54,7 @@ struct ExampleCommand: AsyncParsableCommand {
             tracer = inMemory
         }
         let database = try ExampleDatabase(
-            url: url, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWrites: readYourWrites,
-            resetsSessionState: resetsSessionState,
-            instrumentation: DBInstrumentation(tracesStatements: tracer != nil), logger: logger
+            environment: environment, instrumentation: DBInstrumentation(tracesStatements: tracer != nil), logger: logger
         )
         var app = try await buildApplication(
             database: database, hostname: hostname, port: port, metrics: registry, tracing: tracer != nil, logger: logger

@@ -101,10 +101,6 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     /// non-printable values are ignored (the engine validates the rest).
     private func incomingToken(_ request: Request) -> String? {
         guard let tokenName, let tokenField else { return nil }
-        let value = request.headers[tokenField] ?? request.cookies[tokenName]?.value
-        guard let value, !value.isEmpty, value.count <= 64, value.allSatisfy({ $0.isASCII && !$0.isWhitespace && $0 != ";" }) else {
-            return nil
-        }
-        return value
+        return DBContext.consistencyToken(fromClient: request.headers[tokenField] ?? request.cookies[tokenName]?.value)
     }
 }

@@ -444,6 +444,11 @@ public final class PostgresEngine: DatabaseEngine {
             let message = error.serverInfo?[.message] ?? "no message"
             let state = error.serverInfo?[.sqlState] ?? "?"
             return "the server refused the connection: \(message) (SQLSTATE \(state)); check the user, password and database"
+        case .authMechanismRequiresPassword:
+            return "the server asks for a password and none was given; put it in the URI (postgresql://user:password@host/…) or the configuration"
+        case .unsupportedAuthMechanism:
+            return "the server asks for an authentication method PostgresNIO does not support (\(error.underlying.map { String(describing: $0) } ?? "unknown")); "
+                + "use scram-sha-256, md5, password or trust for this role in pg_hba.conf"
         case .sslUnsupported:
             return "TLS: the server\(host.map { " at \($0)" } ?? "") does not accept TLS connections, and this connect requires TLS "
                 + "(sslmode=require, verify-ca or verify-full); turn ssl on in the server's postgresql.conf, "

@@ -1,5 +1,7 @@
 import ContextDB
+import ContextDBExampleSupport
 import ContextDBPostgres
+import ExampleTestSupport
 import Foundation
 import HTTPTypes
 import Hummingbird
@@ -22,7 +24,7 @@ struct ExampleAppTests {
             try await ExampleHarness.withExample { database, app in
                 try await app.test(setup) { client in
                     try await client.execute(uri: route.path, method: .post) { response in
-                        #expect(response.status == route.status, "\(route.path)")
+                        #expect(Int(response.status.code) == route.status, "\(route.path)")
                         let cookie = response.headers[.setCookie]
                         #expect((cookie?.hasPrefix("X-WAL-LSN=") ?? false) == route.cookie, "\(route.path): \(cookie ?? "no cookie")")
                     }
@@ -60,6 +62,24 @@ struct ExampleAppTests {
                     #expect(json(response.body)["status"] as? String == "ok")
                 }
             }
+        }
+    }
+
+    @Test func refusalsAnswerAsTheVaporExampleDoes() async throws {
+        try await ExampleHarness.withExample { _, app in
+            try await app.test(.router) { client in
+                for refusal in exampleRefusals {
+                    try await client.execute(
+                        uri: refusal.path, method: HTTPRequest.Method(rawValue: refusal.method)!,
+                        headers: [.contentType: "application/json"], body: refusal.body.map(jsonBody)
+                    ) { response in
+                        #expect(Int(response.status.code) == refusal.status, "\(refusal.path) \(refusal.body ?? "")")
+                        let message = errorMessage(response.body.readableBytesView) ?? "no message"
+                        #expect(message.hasPrefix(refusal.message), "\(refusal.path) \(refusal.body ?? ""): \(message)")
+                    }
+                }
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 0)
         }
     }
 
@@ -292,7 +312,7 @@ struct ExampleAppTests {
                 var expectedExampleRows = 0
                 for (path, status, _) in outcomes {
                     if let route = exampleRoutes.first(where: { $0.path == path }) {
-                        #expect(status == route.status, "\(path)")
+                        #expect(Int(status.code) == route.status, "\(path)")
                         expectedExampleRows += route.rows
                     }
                 }

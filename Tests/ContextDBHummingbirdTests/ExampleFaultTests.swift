@@ -1,5 +1,7 @@
 import ContextDB
+import ContextDBExampleSupport
 import ContextDBPostgres
+import ExampleTestSupport
 import Foundation
 import HTTPTypes
 import Hummingbird

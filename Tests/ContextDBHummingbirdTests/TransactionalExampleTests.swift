@@ -1,6 +1,8 @@
 import ContextDB
+import ContextDBExampleSupport
 import ContextDBPostgres
 import ContextDBTesting
+import ExampleTestSupport
 import Foundation
 import Hummingbird
 import HummingbirdTesting
@@ -26,7 +28,7 @@ struct TransactionalExampleTests {
                 for route in exampleRoutes {
                     try await withTransactionalTest(database.primary, replicas: [database.replica]) {
                         try await client.execute(uri: route.path, method: .post) { response in
-                            #expect(response.status == route.status, "\(route.path)")
+                            #expect(Int(response.status.code) == route.status, "\(route.path)")
                         }
                         let rows = try await count(database, "example")
                         if route.path == "/concurrent_queries" {

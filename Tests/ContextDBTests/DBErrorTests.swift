@@ -25,3 +25,17 @@ import Testing
         #expect(DBError.redactingSourcePaths(text) == expected)
     }
 }
+
+@Suite struct ClientTokenTests {
+    @Test(arguments: [
+        ("0/16B3748", "0/16B3748"),
+        ("", nil),
+        (String(repeating: "1", count: 65), nil),
+        ("0/1 2", nil),
+        ("0/1;Path=/", nil),
+        ("0/1é", nil),
+    ] as [(String, String?)])
+    func aTokenFromTheClientIsTakenOnlyWhenItCanBeOne(value: String, expected: String?) {
+        #expect(DBContext.consistencyToken(fromClient: value) == expected)
+    }
+}

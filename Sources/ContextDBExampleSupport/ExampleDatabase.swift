@@ -6,24 +6,24 @@ import PostgresNIO
 /// The example's two connects, routed by a topology that probes every host of the URI: the
 /// primary connect follows the current primary (also after a promotion); the replica connect
 /// spreads reads over fit replicas, honours read-your-own-writes, and falls back to the primary.
-struct ExampleDatabase: Sendable {
+public struct ExampleDatabase: Sendable {
     /// The local cluster of `scripts/pg-cluster.sh`, used when `DATABASE_URL` is not set.
-    static let localClusterURL =
+    public static let localClusterURL =
         "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
 
     /// The example's statement deadline: a statement still running after it is cancelled, and
     /// its connection closed a second later if the server answers neither (a frozen host).
-    static let statementTimeout = Duration.seconds(5)
+    public static let statementTimeout = Duration.seconds(5)
     /// The example's lease deadline: with the statement deadline, no request waits more than
     /// about 10 seconds on a frozen host.
-    static let leaseTimeout = Duration.seconds(4)
+    public static let leaseTimeout = Duration.seconds(4)
 
-    let topology: PostgresTopology
-    let primary: DBConnect<PostgresEngine>
-    let replica: DBConnect<PostgresEngine>
+    public let topology: PostgresTopology
+    public let primary: DBConnect<PostgresEngine>
+    public let replica: DBConnect<PostgresEngine>
     /// The replica lag limits of token-less reads (reported by `/topology`).
-    let maximumLagBytes: UInt64?
-    let maximumLag: Duration?
+    public let maximumLagBytes: UInt64?
+    public let maximumLag: Duration?
 
     /// - Parameters:
     ///   - url: A libpq URI naming every host of the cluster, in any order: roles come from probing.
@@ -36,7 +36,7 @@ struct ExampleDatabase: Sendable {
     ///   - readYourWrites: Record each write's WAL position so later reads wait for it (two more
     ///     round trips per committed write); `false` for the plain cost, as in the HTTP benchmark.
     ///   - instrumentation: Where the connects' and the topology's metrics and spans go.
-    init(
+    public init(
         url: String,
         maximumConnections: Int = 20,
         maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
@@ -64,21 +64,42 @@ struct ExampleDatabase: Sendable {
         )
     }
 
+    /// The database the examples' environment describes: `DATABASE_URL` (default
+    /// ``localClusterURL``), `REPLICA_MAX_LAG_BYTES` (default 16 MiB), `REPLICA_MAX_LAG_SECONDS`
+    /// (default 10), `READ_YOUR_WRITES=off` and `RESET_SESSION_STATE=off`.
+    /// - Parameters:
+    ///   - environment: The process's environment variables.
+    ///   - instrumentation: Where the connects' and the topology's metrics and spans go.
+    ///   - logger: Where the connects and the topology log.
+    /// - Throws: `DBError` for a malformed `DATABASE_URL`.
+    public init(environment: [String: String], instrumentation: DBInstrumentation = DBInstrumentation(), logger: Logger) throws {
+        try self.init(
+            url: environment["DATABASE_URL"] ?? Self.localClusterURL,
+            maximumLagBytes: environment["REPLICA_MAX_LAG_BYTES"].flatMap { UInt64($0) } ?? PostgresTopology.defaultMaximumLagBytes,
+            maximumLag: environment["REPLICA_MAX_LAG_SECONDS"].flatMap { Int64($0) }.map { Duration.seconds($0) }
+                ?? PostgresTopology.defaultMaximumLag,
+            readYourWrites: environment["READ_YOUR_WRITES"] != "off",
+            resetsSessionState: environment["RESET_SESSION_STATE"] != "off",
+            instrumentation: instrumentation,
+            logger: logger
+        )
+    }
+
     /// Probes the cluster once — beside the topology's own first round, so start-up does not
     /// hinge on that round's time bound — then creates the tables. Runs once the services run.
-    func start() async throws {
+    public func start() async throws {
         await topology.refresh()
         try await createTables()
     }
 
     /// The example's tables, created when missing.
-    static let schema = [
+    public static let schema = [
         "CREATE TABLE IF NOT EXISTS example (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text)",
         "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)",
     ]
 
     /// Creates the example's tables when they are missing.
-    func createTables() async throws {
+    public func createTables() async throws {
         for attempt in 1...3 {
             do {
                 try await primary.withTransaction { session in
