@@ -134,6 +134,12 @@ struct PostgresBadInputTests {
         #expect(error?.host == "\(TestCluster.host):\(TestCluster.port)")
     }
 
+    @Test func noPasswordForAServerThatAsksForOneSaysSo() async throws {
+        let url = "postgresql://\(TestCluster.user)@\(TestCluster.primaryEndpoint)/\(TestCluster.database)?sslmode=disable&connect_timeout=2"
+        let error = await connectError(url)
+        #expect(error?.message.contains("the server asks for a password and none was given") == true, "\(String(describing: error))")
+    }
+
     @Test func anUnknownDatabaseSaysSo() async throws {
         let url = TestCluster.url(password: TestCluster.password, database: "no_such_db", query: "sslmode=disable&connect_timeout=2")
         let connect = try running(DBConnect(label: "primary", url: url))

@@ -228,6 +228,28 @@ struct VaporExampleTests {
         try await ExampleHarness.expectNoBusyConnections()
     }
 
+    /// The application's shutdown stops the connects: every engine shut down, no connection left
+    /// on the server.
+    @Test func shutdownClosesEveryEngine() async throws {
+        let database = try await Self.withVaporExample { database, app in
+            try await app.testing().test(.POST, "/items", headers: Self.jsonHeaders, body: Self.body(#"{"text":"x"}"#)) {
+                #expect($0.status == .created)
+            }
+            #expect(!database.primary.engines.isEmpty)
+            return database
+        }
+        #expect(database.primary.engines.isEmpty && database.replica.engines.isEmpty)
+        try await eventually("the example's connections are closed") {
+            try await ExampleHarness.withAdmin { admin in
+                try await admin.withSession { session in
+                    try await session.queryValue(
+                        "SELECT count(*)::int FROM pg_stat_activity WHERE application_name = \(ExampleHarness.applicationName)", as: Int.self
+                    )
+                }
+            } == 0
+        }
+    }
+
     /// A client that hangs up while its request is in a transaction leaves no connection idle
     /// in a transaction and no lease taken.
     @Test func aClientThatHangsUpLeavesNothingBehind() async throws {
