@@ -31,6 +31,30 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
     public let label: String
     /// How this connect's sessions open their transactions.
     public let options: DBSessionOptions
+
+    /// Whether this connect's writes are prevented — for a maintenance window or a failover
+    /// (as Rails' `while_preventing_writes`). While `true`, every new transaction of its
+    /// sessions begins `READ ONLY`: reads keep working, and the first write fails at once with
+    /// ``DBError/Code/writesPrevented`` (an HTTP 503 from the middlewares). A transaction that
+    /// began before the switch keeps its mode. Savepoint sessions of a transactional test are
+    /// not affected. Default `false`.
+    public var preventsWrites: Bool {
+        get { writePrevention.load(ordering: .relaxed) }
+        set { writePrevention.store(newValue, ordering: .relaxed) }
+    }
+
+    /// ``preventsWrites`` for every connect of the process at once. Default `false`.
+    public static var writesPreventedEverywhere: Bool {
+        get { writesPreventedEverywhereFlag.load(ordering: .relaxed) }
+        set { writesPreventedEverywhereFlag.store(newValue, ordering: .relaxed) }
+    }
+
+    /// Whether new transactions must not write: this connect's switch or the process's.
+    var writesPrevented: Bool {
+        preventsWrites || (DBWritePrevention.everywhereInThisTask ?? Self.writesPreventedEverywhere)
+    }
+
+    private let writePrevention = Atomic<Bool>(false)
     /// Where this connect reports its metrics and spans.
     public let instrumentation: DBInstrumentation
 
@@ -400,4 +424,14 @@ final class HostSelection: Sendable {
             return DBHostChoice(host)
         }
     }
+}
+
+/// ``DBConnect/writesPreventedEverywhere``: one for all connects, whatever their engine.
+private let writesPreventedEverywhereFlag = Atomic<Bool>(false)
+
+/// The process-wide write switch as one task sees it.
+package enum DBWritePrevention {
+    /// Overrides ``DBConnect/writesPreventedEverywhere`` in a task and its children: the core's
+    /// tests check the switch without flipping it under the tests that run beside them.
+    @TaskLocal package static var everywhereInThisTask: Bool?
 }

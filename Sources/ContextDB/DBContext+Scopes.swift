@@ -50,6 +50,7 @@ public func withDBContext<R>(
 ///   - body: The request handler.
 /// - Returns: What `body` returns, once its transactions are committed.
 /// - Throws: What `body` throws, or what the commit throws — then nothing was reported as done.
+///   A `DBError` carries ``DBError/requestCommittedWork``.
 public func withDBRequest<R>(
     ifActive: DBContextNesting = .join,
     consistencyToken: String? = nil,
@@ -88,6 +89,11 @@ public func withDBRequest<R>(
             return result
         }
         if committed { onCommitted?(context, &result) }
+    } catch var error as DBError {
+        error.requestCommittedWork = context.consistency.hasCommitted
+        await context.rollbackAll()
+        await context.end()
+        throw error
     } catch {
         await context.rollbackAll()
         await context.end()

@@ -50,6 +50,15 @@ extension DBContext {
 /// a session reports each commit's position here, never to whatever context is current.
 final class DBConsistencyRecord: Sendable {
     private let value = Mutex<String?>(nil)
+    private let commits = Atomic<Int>(0)
+
+    /// Whether a session of the context committed a transaction (its work is saved).
+    var hasCommitted: Bool { commits.load(ordering: .relaxed) > 0 }
+
+    /// Records that a session of the context committed.
+    func noteCommit() {
+        commits.add(1, ordering: .relaxed)
+    }
 
     var token: String? { value.withLock { $0 } }
 

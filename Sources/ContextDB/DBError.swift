@@ -25,6 +25,7 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
             case statementTimeout
             case commitOutcomeUnknown
             case notRunning
+            case writesPrevented
         }
 
         let base: Base
@@ -73,6 +74,9 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
         /// An engine that needs its background work running was used while nothing ran it: run
         /// its ``DBConnect`` (a ServiceLifecycle `Service`), or the engine itself.
         public static let notRunning = Code(base: .notRunning)
+        /// A write in a transaction of a connect whose writes are prevented (``DBConnect/preventsWrites``,
+        /// ``DBConnect/writesPreventedEverywhere``): maintenance or a failover. Reads keep working.
+        public static let writesPrevented = Code(base: .writesPrevented)
 
         public var description: String { base.rawValue }
     }
@@ -87,6 +91,10 @@ public struct DBError: Error, Sendable, CustomStringConvertible {
     public var message: String
     /// The error that caused this one, if any.
     public var underlying: (any Error)?
+    /// Whether the request this error ended had committed work before it — set by
+    /// `withDBRequest` (and so the middlewares); `nil` outside a request. A request that
+    /// committed nothing can be retried by its client as a whole (``httpAnswer(exposingDetails:)``).
+    public var requestCommittedWork: Bool?
 
     /// Creates an error.
     /// - Parameters:

@@ -6,14 +6,19 @@ public struct DBHostRequest<Engine: DatabaseEngine>: Sendable {
     /// (``DBContext/consistencyToken``), or `nil`: a replica chosen for the session should have
     /// replayed up to it.
     public let consistencyToken: String?
+    /// What the code creating the session asks of replica reads (``withPrimaryReads(isolation:_:)``,
+    /// ``withMaxStaleness(_:isolation:_:)``).
+    public let readPreference: DBReadPreference
 
     /// Creates a request.
     /// - Parameters:
     ///   - connect: The connect whose session is about to be created.
     ///   - consistencyToken: The context's read-your-own-writes position, if any.
-    public init(connect: DBConnect<Engine>, consistencyToken: String?) {
+    ///   - readPreference: The scope's read preference. Default: the current task's.
+    public init(connect: DBConnect<Engine>, consistencyToken: String?, readPreference: DBReadPreference = .current) {
         self.connect = connect
         self.consistencyToken = consistencyToken
+        self.readPreference = readPreference
     }
 }
 
@@ -40,7 +45,7 @@ public struct DBHostChoice: Sendable {
     /// The role of `host` as the hook saw it (`primary`, `replica`), for traces: each of the
     /// session's transaction spans gets a `contextdb.routing` event with it. Default `nil`.
     public var role: String?
-    /// Why the hook chose `host` (`policy`, `token_wait`, `token_primary`, `fallback_primary`),
+    /// Why the hook chose `host` (`policy`, `token_wait`, `token_primary`, `fallback_primary`, `scope`),
     /// for the same event. Default `nil`.
     public var reason: String?
 

@@ -31,6 +31,7 @@ extension DBSession {
             do {
                 let result = try await execute(mode.commit(savepoint: savepoint), on: lease)
                 if let token = result.consistencyToken { consistency?.advance(to: token, latest: Engine.latestConsistencyToken) }
+                consistency?.noteCommit()
                 endTransaction(.commit)
                 await leave()
             } catch let error as DBError where error.code == .commitFailed {

@@ -116,7 +116,10 @@ extension DBSession {
     /// Opens a transaction (or a test's savepoint); on failure the connection, in an unknown
     /// state, is closed rather than pooled.
     nonisolated(nonsending) func begin(_ lease: DBLease<Engine>) async throws {
-        let (statement, savepoint) = mode.begin(connect.options)
+        var options = connect.options
+        let preventing = connect.writesPrevented && !options.readOnly
+        if preventing { options.readOnly = true }
+        let (statement, savepoint) = mode.begin(options)
         let span = lease.instruments.startSpan("transaction")
         if let span, span.isRecording, let routing { span.addEvent(routing.event(host: host)) }
         do {
@@ -125,6 +128,7 @@ extension DBSession {
             state.withLock {
                 $0.phase = .inTransaction(lease, savepoint: savepoint)
                 $0.trace = trace
+                $0.writesPrevented = preventing
             }
         } catch {
             if let span {

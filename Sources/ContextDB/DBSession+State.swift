@@ -48,6 +48,8 @@ struct DBSessionState: Sendable {
     /// The open transaction's span and metrics, from `BEGIN` until the session learns how it
     /// ended (also while it is `lost`).
     var trace: DBTransactionTrace?
+    /// The open transaction began `READ ONLY` because the connect prevents writes.
+    var writesPrevented = false
 }
 
 /// The span and metrics of one open transaction.

@@ -53,6 +53,11 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// Whether the session closed, readable without knowing `Engine` (the context's lookup).
     let liveness = DBSessionLiveness()
 
+    /// Whether the open transaction began `READ ONLY` because its connect prevents writes
+    /// (``DBConnect/preventsWrites``): engines report a refused write as
+    /// ``DBError/Code/writesPrevented`` then, not ``DBError/Code/readOnlySession``.
+    package var transactionPreventsWrites: Bool { state.withLock { $0.writesPrevented } }
+
     init(
         connect: DBConnect<Engine>, candidates: [String], onLeaseFailure: (@Sendable (String, DBError) -> Void)? = nil,
         consistency: DBConsistencyRecord? = nil, routing: DBRoutingNote? = nil

@@ -31,6 +31,8 @@ struct ExampleRoutes: Sendable {
         }
         router.get("/health") { _, _ in try await failing { try await items.health() } }
         let report = TopologyReport(database: database)
+        router.get("/health/live") { _, _ in try await failing { try report.live() } }
+        router.get("/health/ready") { _, _ in try await failing { try report.ready() } }
         router.get("/topology") { request, context in
             try context.responseEncoder.encode(report.hosts, from: request, context: context)
         }

@@ -75,6 +75,11 @@ public struct ItemStore: Sendable {
     /// `GET /health`'s answer.
     public struct Health: Codable, Sendable {
         public let status: String
+
+        /// The answer `status`.
+        public init(status: String) {
+            self.status = status
+        }
     }
 
     /// Inserts an item through the primary's context session; the middleware commits it.

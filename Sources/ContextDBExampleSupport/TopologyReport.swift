@@ -29,6 +29,22 @@ public struct TopologyReport: Sendable {
         }
     }
 
+    /// `GET /health/live`: the topology is probing.
+    /// - Throws: ``ExampleFailure`` 503 when it is not.
+    public func live() throws -> ItemStore.Health {
+        guard database.topology.isLive else { throw ExampleFailure(status: 503, message: "the topology is not probing") }
+        return ItemStore.Health(status: "live")
+    }
+
+    /// `GET /health/ready`: a primary is known and reads have a host (a fit replica, or the
+    /// primary as fallback).
+    /// - Throws: ``ExampleFailure`` 503 saying why not.
+    public func ready() throws -> ItemStore.Health {
+        let readiness = database.topology.readiness(maximumLagBytes: database.maximumLagBytes, maximumLag: database.maximumLag)
+        guard readiness.isReady else { throw ExampleFailure(status: 503, message: readiness.reason ?? "not ready") }
+        return ItemStore.Health(status: "ready")
+    }
+
     /// Every host as the topology's last probe saw it.
     public var hosts: [Host] {
         database.topology.snapshot.hosts.map { host in

@@ -11,6 +11,10 @@ import Logging
 ///   **before** the response is returned; if a commit fails, the client gets a 500, never a
 ///   2xx for data that was not saved. A status of 400 or more, or a thrown error, rolls back.
 /// - Every session is closed and its connection returned, also when the request is cancelled.
+/// - A `DBError` that ends the request becomes an `HTTPError` (`DBError.httpAnswer(exposingDetails:)`):
+///   503 with `Retry-After` when the database cannot serve now (no fit host, a pool or host
+///   out of reach, writes prevented, a lost connection before anything was committed), 409 for
+///   a write through a read-only session, else 500 — with a message that names no host.
 ///
 /// ```swift
 /// let router = Router()
@@ -34,6 +38,7 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     let onCommitted: OnCommitted?
     let tokenName: String?
     let tokenField: HTTPField.Name?
+    let exposesErrorDetails: Bool
 
     /// Creates the middleware.
     /// - Parameters:
@@ -44,15 +49,20 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
     ///     a position sent back in that cookie or header routes the request's replica reads to
     ///     a replica that has it; a request whose commit advanced it answers with the cookie and
     ///     the header. `nil` turns this off.
+    ///   - exposesErrorDetails: Put a `DBError`'s description (connect, host, the server's
+    ///     reason; never a password) in the error response's message. Default `false`: the
+    ///     public learns only what kind of failure it was.
     public init(
         beforeCommit: BeforeCommit? = nil,
         onCommitted: OnCommitted? = nil,
-        consistencyTokenName: String? = "X-WAL-LSN"
+        consistencyTokenName: String? = "X-WAL-LSN",
+        exposesErrorDetails: Bool = false
     ) {
         self.beforeCommit = beforeCommit
         self.onCommitted = onCommitted
         self.tokenName = consistencyTokenName
         self.tokenField = consistencyTokenName.flatMap { HTTPField.Name($0) }
+        self.exposesErrorDetails = exposesErrorDetails
     }
 
     public func handle(
@@ -63,14 +73,19 @@ public struct DBSessionMiddleware<Context: RequestContext>: RouterMiddleware {
         let incoming = incomingToken(request)
         do {
             return try await handleInContext(request, context: context, incoming: incoming, next: next)
-        } catch let error as DBError where error.code == .commitFailed || error.code == .commitOutcomeUnknown {
-            // Logged here, where the request's logger is: the client only sees a 500. The
-            // message (which may quote the server, and so a value) only at debug level.
-            context.logger.warning("the request's transaction did not commit", metadata: [
-                "db.connect": "\(error.connect ?? "")", "db.host": "\(error.host ?? "")", "error.type": "\(error.code)",
-            ])
-            context.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
-            throw error
+        } catch let error as DBError {
+            if error.code == .commitFailed || error.code == .commitOutcomeUnknown {
+                // Logged here, where the request's logger is: the client only sees a 500. The
+                // message (which may quote the server, and so a value) only at debug level.
+                context.logger.warning("the request's transaction did not commit", metadata: [
+                    "db.connect": "\(error.connect ?? "")", "db.host": "\(error.host ?? "")", "error.type": "\(error.code)",
+                ])
+                context.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
+            }
+            let answer = error.httpAnswer(exposingDetails: exposesErrorDetails)
+            var headers = HTTPFields()
+            if let retryAfter = answer.retryAfter { headers[.retryAfter] = "\(retryAfter)" }
+            throw HTTPError(HTTPResponse.Status(code: answer.status), headers: headers, message: answer.message)
         }
     }
 

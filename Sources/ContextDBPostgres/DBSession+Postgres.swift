@@ -104,6 +104,13 @@ extension DBSession where Engine == PostgresEngine {
         guard let error = error as? PSQLError, error.code == .server else { return error }
         let state = error.serverInfo?[.sqlState] ?? "?"
         let message = error.serverInfo?[.message] ?? "no message"
+        if state == "25006", transactionPreventsWrites {
+            return DBError(
+                .writesPrevented,
+                "writes are prevented on this connect (DBConnect.preventsWrites or writesPreventedEverywhere): \(message)",
+                connect: connectLabel, host: host, underlying: error
+            )
+        }
         if state == "25006" {
             return DBError(
                 .readOnlySession,

@@ -74,6 +74,8 @@ extension PostgresTopology {
     ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
     ///     Default 500 ms. A re-probe already running finishes first, so a replica that stopped
     ///     answering and is not marked down yet can stretch the wait by up to one probe timeout.
+    /// Inside `withPrimaryReads { }` it routes to the primary (reason `scope`); inside
+    /// `withMaxStaleness(_:) { }` the scope's limit replaces `maximumLag`.
     /// Like ``primaryHook()``, it waits for the first probe round right after start-up, and a
     /// session it cannot route fails with `DBError.Code.noHostAvailable`, logged at
     /// warning level.
@@ -88,9 +90,11 @@ extension PostgresTopology {
         { [self] request in
             let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
+            if request.readPreference.primaryOnly { return try primaryForReads(connect) }
+            let lagLimit = request.readPreference.maximumStaleness ?? maximumLag
             let position = request.consistencyToken.flatMap(PostgresLSN.init)
             var snapshot = self.snapshot
-            var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
+            var fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: lagLimit, position: position)
             let clock = ContinuousClock()
             let started = clock.now
             let waits = fit.isEmpty && position != nil && readYourWritesWait > .zero && !snapshot.replicas.isEmpty
@@ -99,7 +103,7 @@ extension PostgresTopology {
                 while fit.isEmpty, clock.now - started < readYourWritesWait {
                     await refreshForPosition(snapshot.replicas.map(\.endpoint))
                     snapshot = self.snapshot
-                    fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: position)
+                    fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: lagLimit, position: position)
                     if fit.isEmpty {
                         try await Task.sleep(for: min(pause, readYourWritesWait - (clock.now - started)))
                         pause = min(pause * 2, .milliseconds(50))
@@ -111,7 +115,7 @@ extension PostgresTopology {
             var detail = position.map { "replica at or past \($0)" } ?? "replica"
             if hosts.isEmpty {
                 detail = "no fit replica (" + snapshot.hosts.compactMap { host in
-                    host.role == .primary ? nil : host.unfitReason(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag)
+                    host.role == .primary ? nil : host.unfitReason(maximumLagBytes: maximumLagBytes, maximumLag: lagLimit)
                         .map { "\(host.endpoint): \($0)" }
                 }.joined(separator: "; ") + "), primary"
             }
@@ -190,6 +194,21 @@ extension PostgresTopology {
             ])
             metrics.decided(connect: connect, role: role, reason: "failover")
         }
+    }
+
+    /// The primary for a replica session inside `withPrimaryReads`.
+    private func primaryForReads(_ connect: DBConnect<PostgresEngine>) throws -> DBHostChoice {
+        let snapshot = self.snapshot
+        guard let primary = snapshot.primary?.endpoint.description else {
+            let error = DBError(
+                .noHostAvailable, "withPrimaryReads: no healthy primary among \(describe(snapshot))", connect: connect.label
+            )
+            logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "error.message": "\(error.message)"])
+            throw error
+        }
+        logRoutingDecision(connect: connect.label, host: primary, role: "primary", reason: "scope", detail: "withPrimaryReads")
+        metrics.decided(connect: connect.label, role: "primary", reason: "scope")
+        return DBHostChoice(primary, role: "primary", reason: "scope", onLeaseFailure: failedOver(connect.label, hosts: [primary]))
     }
 
     /// The debug line of one routing decision; its keys are listed in "Observing ContextDB".

@@ -186,7 +186,52 @@ public final class PostgresTopology: Service, Sendable {
     /// The state of every host as of the last probe round. No I/O: a lock and a copy.
     public var snapshot: Snapshot { state.withLock { $0 } }
 
-    /// Probes every host now, concurrently, and updates the snapshot.
+    /// Whether the topology is live: its ``run()`` is probing the hosts (a liveness probe's
+    /// answer, as Kubernetes' `livenessProbe` asks it).
+    public var isLive: Bool { probing.load(ordering: .relaxed) > 0 }
+
+    private let probing = Atomic<Int>(0)
+
+    /// Whether the cluster can serve, and if not why (a readiness probe's answer).
+    public struct Readiness: Sendable, Hashable {
+        /// Ready: a primary is known and, with replicas in the URI, a replica is fit or reads
+        /// may fall back to the primary.
+        public var isReady: Bool
+        /// Why it is not ready; `nil` when it is.
+        public var reason: String?
+    }
+
+    /// Whether the cluster can serve now: ready when every host had its first probe, a primary
+    /// is known and — when the URI names replicas — at least one replica is fit for token-less
+    /// reads or `fallbackToPrimary` allows the primary to serve them.
+    /// - Parameters:
+    ///   - maximumLagBytes: The replica hook's byte limit. Default 16 MiB.
+    ///   - maximumLag: The replica hook's time limit. Default 10 seconds.
+    ///   - fallbackToPrimary: Whether the replica hook falls back to the primary. Default `true`.
+    /// - Returns: Ready, or not and why.
+    public func readiness(
+        maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
+        maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
+        fallbackToPrimary: Bool = true
+    ) -> Readiness {
+        if let unprobed = firstRound.withLock({ $0?.unprobed }), !unprobed.isEmpty {
+            return Readiness(isReady: false, reason: "the first probe of \(unprobed.count) host(s) has not finished")
+        }
+        let snapshot = self.snapshot
+        guard snapshot.primary != nil else {
+            return Readiness(isReady: false, reason: "no healthy primary among \(snapshot.hosts.count) host(s)")
+        }
+        let replicasConfigured = snapshot.hosts.count > 1
+        if replicasConfigured, !fallbackToPrimary,
+           fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, position: nil).isEmpty {
+            return Readiness(isReady: false, reason: "no replica is fit and fallbackToPrimary is off")
+        }
+        return Readiness(isReady: true, reason: nil)
+    }
+
+    /// Probes every host now, concurrently, and updates the snapshot. When the topology is not
+    /// running (``isLive`` is false), the round's connections are closed at its end: a topology
+    /// only ever refreshed by hand leaves no connection open.
     public func refresh() async {
         let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
         await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
@@ -196,6 +241,7 @@ public final class PostgresTopology: Service, Sendable {
             // Each host's entry as soon as its probe ends: a frozen host delays no other.
             for await (endpoint, result) in group { apply([endpoint: result]) }
         }
+        if !isLive { await closeProbeConnections() }
     }
 
     /// Probes `endpoints` now, concurrently, and updates their entries as each answers (for the
@@ -214,6 +260,8 @@ public final class PostgresTopology: Service, Sendable {
     /// the task is cancelled or a graceful shutdown begins; then closes its probe connections.
     public func run() async throws {
         let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
+        probing.add(1, ordering: .relaxed)
+        defer { probing.subtract(1, ordering: .relaxed) }
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 for endpoint in endpoints {
@@ -226,6 +274,11 @@ public final class PostgresTopology: Service, Sendable {
                 }
             }
         }
+        await closeProbeConnections()
+    }
+
+    /// Closes the probe connections the probes keep between rounds.
+    private func closeProbeConnections() async {
         let connections = probeConnections.withLock { connections in
             defer { connections.removeAll() }
             return Array(connections.values)
@@ -502,7 +555,7 @@ final class PostgresTopologyMetrics: Sendable {
     private let waits = Mutex<[String: Timer]>([:])
 
     /// Counts a routing decision for a connect's session (`role`: `primary` or `replica`;
-    /// `reason`: `policy`, `token_wait`, `token_primary`, `fallback_primary` or `failover`).
+    /// `reason`: `policy`, `token_wait`, `token_primary`, `fallback_primary`, `scope` or `failover`).
     func decided(connect: String, role: String, reason: String) {
         _ = waitTimer(connect)  // made with the connect's first decision: exported before its first wait
         let key = "\(connect)\u{0}\(role)\u{0}\(reason)"

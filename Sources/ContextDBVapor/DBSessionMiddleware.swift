@@ -12,6 +12,10 @@ import Vapor
 ///   `ErrorMiddleware` and the client gets a 500, never a 2xx for data that was not saved. A
 ///   status of 400 or more, or a thrown error (`Abort` included), rolls back.
 /// - Every session is closed and its connection returned, also when the client hangs up.
+/// - A `DBError` that ends the request becomes an `Abort` (`DBError.httpAnswer(exposingDetails:)`):
+///   503 with `Retry-After` when the database cannot serve now (no fit host, a pool or host
+///   out of reach, writes prevented, a lost connection before anything was committed), 409 for
+///   a write through a read-only session, else 500 — with a reason that names no host.
 /// - The context is also stored in the request (``Vapor/Request/dbContext``), for routes that
 ///   return an `EventLoopFuture` and middleware that calls on through one: a task-local does
 ///   not follow a future's callbacks.
@@ -39,6 +43,7 @@ public struct DBSessionMiddleware: AsyncMiddleware {
     let beforeCommit: BeforeCommit?
     let onCommitted: OnCommitted?
     let tokenName: String?
+    let exposesErrorDetails: Bool
 
     /// Creates the middleware.
     /// - Parameters:
@@ -50,14 +55,19 @@ public struct DBSessionMiddleware: AsyncMiddleware {
     ///     wins) routes the request's replica reads to a replica that has it; a request whose
     ///     commit advanced it answers with the cookie (`Path=/; SameSite=Lax`) and the header.
     ///     `nil` turns this off.
+    ///   - exposesErrorDetails: Put a `DBError`'s description (connect, host, the server's
+    ///     reason; never a password) in the error's `reason`. Default `false`: the public
+    ///     learns only what kind of failure it was.
     public init(
         beforeCommit: BeforeCommit? = nil,
         onCommitted: OnCommitted? = nil,
-        consistencyTokenName: String? = "X-WAL-LSN"
+        consistencyTokenName: String? = "X-WAL-LSN",
+        exposesErrorDetails: Bool = false
     ) {
         self.beforeCommit = beforeCommit
         self.onCommitted = onCommitted
         self.tokenName = consistencyTokenName
+        self.exposesErrorDetails = exposesErrorDetails
     }
 
     public func respond(to request: Request, chainingTo next: any AsyncResponder) async throws -> Response {
@@ -80,14 +90,19 @@ public struct DBSessionMiddleware: AsyncMiddleware {
                 defer { request.storage[RequestDBContextKey.self] = nil }
                 return try await next.respond(to: request)
             }
-        } catch let error as DBError where error.code == .commitFailed || error.code == .commitOutcomeUnknown {
-            // Logged here, where the request's logger is: the client only sees a 500. The
-            // message (which may quote the server, and so a value) only at debug level.
-            request.logger.warning("the request's transaction did not commit", metadata: [
-                "db.connect": "\(error.connect ?? "")", "db.host": "\(error.host ?? "")", "error.type": "\(error.code)",
-            ])
-            request.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
-            throw error
+        } catch let error as DBError {
+            if error.code == .commitFailed || error.code == .commitOutcomeUnknown {
+                // Logged here, where the request's logger is: the client only sees a 500. The
+                // message (which may quote the server, and so a value) only at debug level.
+                request.logger.warning("the request's transaction did not commit", metadata: [
+                    "db.connect": "\(error.connect ?? "")", "db.host": "\(error.host ?? "")", "error.type": "\(error.code)",
+                ])
+                request.logger.debug("why the transaction did not commit", metadata: ["error.message": "\(error.message)"])
+            }
+            let answer = error.httpAnswer(exposingDetails: exposesErrorDetails)
+            var headers = HTTPHeaders()
+            if let retryAfter = answer.retryAfter { headers.replaceOrAdd(name: .retryAfter, value: "\(retryAfter)") }
+            throw Abort(HTTPResponseStatus(statusCode: answer.status), headers: headers, reason: answer.message)
         }
     }
 

@@ -59,6 +59,8 @@ func addRoutes(to app: Application, database: ExampleDatabase) {
     }
     app.get("health") { _ async throws -> Response in try json(try await items.health()) }
     let report = TopologyReport(database: database)
+    app.get("health", "live") { _ async throws -> Response in try json(try report.live()) }
+    app.get("health", "ready") { _ async throws -> Response in try json(try report.ready()) }
     app.get("topology") { _ async throws -> Response in try json(report.hosts) }
 }
 
@@ -85,7 +87,9 @@ struct ExampleErrorMiddleware: AsyncMiddleware {
         } catch let failure as ExampleFailure {
             return try json(Body(error: .init(message: failure.message)), status: HTTPResponseStatus(statusCode: failure.status))
         } catch let abort as any AbortError {
-            return try json(Body(error: .init(message: abort.reason)), status: abort.status)
+            let response = try json(Body(error: .init(message: abort.reason)), status: abort.status)
+            response.headers.add(contentsOf: abort.headers)
+            return response
         } catch {
             request.logger.debug("unrecognised error", metadata: ["error.type": "\(String(reflecting: type(of: error)))"])
             return Response(status: .internalServerError)

@@ -61,6 +61,8 @@ struct ExampleAppTests {
                     #expect(response.status == .ok)
                     #expect(json(response.body)["status"] as? String == "ok")
                 }
+                try await client.execute(uri: "/health/live", method: .get) { #expect(json($0.body)["status"] as? String == "live") }
+                try await client.execute(uri: "/health/ready", method: .get) { #expect(json($0.body)["status"] as? String == "ready") }
             }
         }
     }
@@ -81,6 +83,44 @@ struct ExampleAppTests {
             }
             #expect(try await ExampleHarness.rows(in: "items") == 0)
         }
+    }
+
+    /// What a client sees when the database cannot serve: 503 with `Retry-After` for writes
+    /// prevented and a host out of reach, 409 for a write through the read-only connect — and
+    /// never a host name in the body.
+    @Test(.runsServices) func databaseFailuresAnswer503Or409() async throws {
+        let down = try running(DBConnect(label: "down", url: TestCluster.url(port: 1, query: "sslmode=disable&connect_timeout=2")))
+        try await ExampleHarness.withExample(extraRoutes: { router, database in
+            router.post("/replica_write") { _, _ -> HTTPResponse.Status in
+                try await database.replica.session().execute("INSERT INTO items (text) VALUES ('x')")
+                return .ok
+            }
+            router.get("/down") { _, _ -> HTTPResponse.Status in
+                try await down.session().execute("SELECT 1")
+                return .ok
+            }
+        }) { database, app in
+            try await app.test(.router) { client in
+                database.primary.preventsWrites = true
+                try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"x"}"#)) { response in
+                    #expect(response.status == .serviceUnavailable)
+                    #expect(response.headers[.retryAfter] == "1")
+                    #expect(errorMessage(response.body.readableBytesView) == "writes are paused for maintenance; retry later")
+                }
+                try await client.execute(uri: "/health", method: .get) { #expect($0.status == .ok, "reads keep working") }
+                database.primary.preventsWrites = false
+                try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"x"}"#)) { #expect($0.status == .created) }
+                try await client.execute(uri: "/replica_write", method: .post) { #expect($0.status == .conflict) }
+                try await client.execute(uri: "/down", method: .get) { response in
+                    #expect(response.status == .serviceUnavailable)
+                    #expect(response.headers[.retryAfter] == "1")
+                    let message = errorMessage(response.body.readableBytesView) ?? ""
+                    #expect(message == "the database cannot serve this request now; retry later")
+                }
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 1)
+        }
+        await down.close()
     }
 
     /// `GET /metrics` after some traffic: ContextDB's metrics in Prometheus' text format, with

@@ -60,6 +60,21 @@ struct RoutingTests {
         #expect(error?.message.contains("is the topology service running") == true)
     }
 
+    @Test func readinessNeedsAProbedPrimaryAndLivenessARunningTopology() async throws {
+        let idle = try PostgresTopology(url: TestCluster.clusterURL())
+        #expect(!idle.isLive, "not run")
+        #expect(idle.readiness().reason?.contains("first probe") == true)
+        await idle.refresh()
+        #expect(idle.readiness().isReady && idle.readiness().reason == nil)
+
+        let nothing = try PostgresTopology(url: "postgresql://u:p@127.0.0.1:1/db?sslmode=disable&connect_timeout=1")
+        await nothing.refresh()
+        #expect(nothing.readiness().reason?.contains("no healthy primary") == true)
+
+        let live = running(try PostgresTopology(url: TestCluster.clusterURL()))
+        try await eventually("the topology probes") { live.isLive }
+    }
+
     @Test func theTopologySeesOnePrimaryAndItsReplicas() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
             let snapshot = topology.snapshot
@@ -102,7 +117,9 @@ struct RoutingTests {
             // compared, not a later snapshot (a slow probe may have changed that meanwhile).
             let chosen = Mutex<Int?>(nil)
             let connect = try running(DBConnect(label: "custom", url: Self.clusterURL, beforeCreateSession: { connect in
-                let last = topology.snapshot.replicas.max { $0.endpoint.port < $1.endpoint.port }!
+                guard let last = topology.snapshot.replicas.max(by: { $0.endpoint.port < $1.endpoint.port }) else {
+                    throw DBError(.noHostAvailable, "the test's hook found no replica")
+                }
                 chosen.withLock { $0 = last.endpoint.port }
                 try connect.changeHost(last.endpoint.description)
             }))
@@ -264,11 +281,13 @@ struct FailoverTests {
                 let primary = try running(DBConnect(
                     label: "primary", url: cluster.url, readYourWrites: true, chooseHost: topology.primaryHook()
                 ))
-                func replicaConnect(maximumLagBytes: UInt64?) throws -> DBConnect<PostgresEngine> {
+                func replicaConnect(
+                    maximumLagBytes: UInt64?, maximumLag: Duration? = PostgresTopology.defaultMaximumLag
+                ) throws -> DBConnect<PostgresEngine> {
                     try running(DBConnect(
                         label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true),
                         chooseHost: topology.replicaHook(
-                            maximumLagBytes: maximumLagBytes, readYourWritesWait: .milliseconds(300)
+                            maximumLagBytes: maximumLagBytes, maximumLag: maximumLag, readYourWritesWait: .milliseconds(300)
                         )
                     ))
                 }
@@ -319,6 +338,28 @@ struct FailoverTests {
                 }
                 #expect(stale.0 == cluster.endpoint(cluster.replicaPorts[0]), "no limit: the replica")
                 #expect(stale.1 == 0, "which is behind, as allowed without a token")
+
+                // Per-request scopes: a time limit the replica is over, lifted by withMaxStaleness;
+                // withPrimaryReads sends even a limitless connect's reads to the primary.
+                let strict = try replicaConnect(maximumLagBytes: nil, maximumLag: .milliseconds(300))
+                try await eventually("the replica lags more than 0.3 s") {
+                    topology.snapshot.replicas.first?.unfitReason(maximumLagBytes: nil, maximumLag: .milliseconds(300)) != nil
+                }
+                let strictHost = try await withDBContext { try await strict.session().host }
+                #expect(strictHost == cluster.endpoint(cluster.primaryPort), "over the time limit: primary")
+                let relaxedHost = try await withMaxStaleness(.seconds(600)) {
+                    try await withDBContext { try await strict.session().host }
+                }
+                #expect(relaxedHost == cluster.endpoint(cluster.replicaPorts[0]), "within the scope's limit: the replica")
+                let forcedHost = try await withPrimaryReads {
+                    try await withDBContext { try await unlimited.session().host }
+                }
+                #expect(forcedHost == cluster.endpoint(cluster.primaryPort), "withPrimaryReads: the primary")
+                #expect(metrics.counterTotal(label: DBMetricName.routingDecisions, dimensions: [
+                    ("db.system.name", "postgresql"), ("db.client.connection.pool.name", "replica"),
+                    ("contextdb.routing.role", "primary"), ("contextdb.routing.reason", "scope"),
+                ]) == 1)
+                await strict.close()
 
                 // Once replay resumes, the token's reads go back to the replica.
                 try await cluster.run("resume-replay", "1")

@@ -85,6 +85,8 @@ struct VaporExampleTests {
                 #expect(response.status == .ok)
                 #expect(json(response.body.readableBytesView)["status"] as? String == "ok")
             }
+            try await tester.test(.GET, "/health/live") { #expect(json($0.body.readableBytesView)["status"] as? String == "live") }
+            try await tester.test(.GET, "/health/ready") { #expect(json($0.body.readableBytesView)["status"] as? String == "ready") }
             try await tester.test(.GET, "/topology") { response in
                 #expect(response.status == .ok)
                 let hosts = (try? JSONSerialization.jsonObject(with: Data(response.body.readableBytesView))) as? [[String: Any]]
@@ -109,6 +111,40 @@ struct VaporExampleTests {
             }
             #expect(try await ExampleHarness.rows(in: "items") == 0)
         }
+    }
+
+    /// What a client sees when the database cannot serve, as in the Hummingbird example.
+    @Test(.runsServices) func databaseFailuresAnswer503Or409() async throws {
+        let down = try running(DBConnect(label: "down", url: TestCluster.url(port: 1, query: "sslmode=disable&connect_timeout=2")))
+        try await Self.withVaporExample(extraRoutes: { app, database in
+            app.post("replica_write") { _ async throws -> HTTPStatus in
+                try await database.replica.session().execute("INSERT INTO items (text) VALUES ('x')")
+                return .ok
+            }
+            app.get("down") { _ async throws -> HTTPStatus in
+                try await down.session().execute("SELECT 1")
+                return .ok
+            }
+        }) { database, app in
+            let tester = try app.testing()
+            database.primary.preventsWrites = true
+            try await tester.test(.POST, "/items", headers: Self.jsonHeaders, body: Self.body(#"{"text":"x"}"#)) { response in
+                #expect(response.status == .serviceUnavailable)
+                #expect(response.headers.first(name: .retryAfter) == "1")
+                #expect(errorMessage(response.body.readableBytesView) == "writes are paused for maintenance; retry later")
+            }
+            try await tester.test(.GET, "/health") { #expect($0.status == .ok, "reads keep working") }
+            database.primary.preventsWrites = false
+            try await tester.test(.POST, "/items", headers: Self.jsonHeaders, body: Self.body(#"{"text":"x"}"#)) { #expect($0.status == .created) }
+            try await tester.test(.POST, "/replica_write") { #expect($0.status == .conflict) }
+            try await tester.test(.GET, "/down") { response in
+                #expect(response.status == .serviceUnavailable)
+                #expect(response.headers.first(name: .retryAfter) == "1")
+                #expect(errorMessage(response.body.readableBytesView) == "the database cannot serve this request now; retry later")
+            }
+            #expect(try await ExampleHarness.rows(in: "items") == 1)
+        }
+        await down.close()
     }
 
     /// A commit the server refuses (a deferred unique constraint) answers 500, never 2xx.

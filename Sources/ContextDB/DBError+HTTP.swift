@@ -1,0 +1,45 @@
+/// How an HTTP server answers a request that a ``DBError`` ended: what the middlewares of
+/// `ContextDBHummingbird` and `ContextDBVapor` send.
+public struct DBHTTPAnswer: Sendable, Hashable {
+    /// The status code: 503, 409 or 500.
+    public var status: Int
+    /// The `Retry-After` header's value, in seconds (RFC 9110, 10.2.3), for a 503.
+    public var retryAfter: Int?
+    /// The body's message: what happened, without hosts or SQL unless details are exposed.
+    public var message: String
+}
+
+extension DBError {
+    /// The HTTP answer to a request this error ended.
+    ///
+    /// | Error | Status |
+    /// |---|---|
+    /// | no fit host (``Code/noHostAvailable``), a host that cannot be reached or a pool that has no free connection in time (``Code/connectionFailed``), an engine not running (``Code/notRunning``) or not created (``Code/engineCreationFailed``) | 503, `Retry-After: 1` |
+    /// | writes prevented (``Code/writesPrevented``): maintenance | 503, `Retry-After: 1` |
+    /// | a lost connection or a statement timeout (``Code/connectionLost``, ``Code/statementTimeout``) in a request that had committed nothing | 503, `Retry-After: 1` — the client may retry it as a whole |
+    /// | a write in a read-only session (``Code/readOnlySession``) | 409 |
+    /// | anything else: a failed statement, a failed commit, the same faults after a commit | 500 |
+    ///
+    /// - Parameter exposingDetails: Put ``description`` (the connect, the host, the server's
+    ///   reason; never a password) in the message. Default `false`: only what kind of failure
+    ///   it was, for the public.
+    /// - Returns: The status, `Retry-After` and message.
+    public func httpAnswer(exposingDetails: Bool = false) -> DBHTTPAnswer {
+        let unavailable = "the database cannot serve this request now; retry later"
+        var answer: DBHTTPAnswer
+        switch code {
+        case .noHostAvailable, .connectionFailed, .notRunning, .engineCreationFailed:
+            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: unavailable)
+        case .writesPrevented:
+            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: "writes are paused for maintenance; retry later")
+        case .connectionLost where requestCommittedWork == false, .statementTimeout where requestCommittedWork == false:
+            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: unavailable)
+        case .readOnlySession:
+            answer = DBHTTPAnswer(status: 409, message: "this request tried to write through a read-only database connection")
+        default:
+            answer = DBHTTPAnswer(status: 500, message: "the database failed this request")
+        }
+        if exposingDetails { answer.message += " (\(description))" }
+        return answer
+    }
+}
