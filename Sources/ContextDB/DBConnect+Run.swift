@@ -44,6 +44,10 @@ extension DBConnect: Service {
         for job in waiting { queue.yield(job) }
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
+                for companion in companions.withLock({ $0 }) {
+                    // Ends with the graceful shutdown or the cancellation that ends the engines.
+                    group.addTask { try? await companion.run() }
+                }
                 for await job in jobs {
                     switch job {
                     case .run(let engine): group.addTask { await engine.run() }

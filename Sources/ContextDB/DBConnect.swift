@@ -1,4 +1,5 @@
 import CoreMetrics
+import ServiceLifecycle
 import Synchronization
 
 /// One logical database — "primary", "replica" — and the engines that reach it, one per host.
@@ -83,6 +84,14 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     let state: Mutex<State>
     let runState = Mutex(RunState())
+    /// Services that ``run()`` runs beside the engines: what an engine module made for this
+    /// connect, such as the topology a URI's `target_session_attrs` asks for.
+    let companions = Mutex<[any Service]>([])
+
+    /// Runs `service` in ``run()`` beside the engines, from the next `run()` on.
+    package func runAlongside(_ service: any Service) {
+        companions.withLock { $0.append(service) }
+    }
     /// The metrics and tracer of each host, made on its first lease. Not generic: reading it
     /// on every lease costs no type-metadata lookup.
     let instrumentsByHost = Mutex<[String: DBHostInstruments]>([:])

@@ -51,13 +51,21 @@ extension DBContext {
 final class DBConsistencyRecord: Sendable {
     private let value = Mutex<String?>(nil)
     private let commits = Atomic<Int>(0)
+    /// The record of the context this one's is nested in: a commit here is one of it too.
+    private let parent: DBConsistencyRecord?
 
-    /// Whether a session of the context committed a transaction (its work is saved).
+    init(parent: DBConsistencyRecord? = nil) {
+        self.parent = parent
+    }
+
+    /// Whether a session of the context, or of a context nested in it, committed a
+    /// transaction (its work is saved).
     var hasCommitted: Bool { commits.load(ordering: .relaxed) > 0 }
 
     /// Records that a session of the context committed.
     func noteCommit() {
         commits.add(1, ordering: .relaxed)
+        parent?.noteCommit()
     }
 
     var token: String? { value.withLock { $0 } }

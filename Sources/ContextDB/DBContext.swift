@@ -34,7 +34,7 @@ public final class DBContext: Sendable {
 
     let state: Mutex<State>
     /// The read-your-own-writes position (``consistencyToken``), shared with this context's sessions.
-    let consistency = DBConsistencyRecord()
+    let consistency: DBConsistencyRecord
 
     /// Creates an empty context. Nothing is connected until a session runs a statement.
     ///
@@ -52,6 +52,7 @@ public final class DBContext: Sendable {
     /// - Parameter parent: The context to nest in, or `nil` (the same as ``init()``).
     public init(nestedIn parent: DBContext?) {
         state = Mutex(State(pinned: parent?.state.withLock { $0.pinned } ?? [:]))
+        consistency = DBConsistencyRecord(parent: parent?.consistency)
     }
 
     /// Runs `body` with this context as ``current``.

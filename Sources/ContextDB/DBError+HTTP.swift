@@ -14,26 +14,24 @@ extension DBError {
     ///
     /// | Error | Status |
     /// |---|---|
-    /// | no fit host (``Code/noHostAvailable``), a host that cannot be reached or a pool that has no free connection in time (``Code/connectionFailed``), an engine not running (``Code/notRunning``) or not created (``Code/engineCreationFailed``) | 503, `Retry-After: 1` |
-    /// | writes prevented (``Code/writesPrevented``): maintenance | 503, `Retry-After: 1` |
-    /// | a lost connection or a statement timeout (``Code/connectionLost``, ``Code/statementTimeout``) in a request that had committed nothing | 503, `Retry-After: 1` — the client may retry it as a whole |
-    /// | a write in a read-only session (``Code/readOnlySession``) | 409 |
-    /// | anything else: a failed statement, a failed commit, the same faults after a commit | 500 |
+    /// | no fit host (``Code/noHostAvailable``), a host that cannot be reached or a pool that has no free connection in time (``Code/connectionFailed``), an engine not running (``Code/notRunning``), writes prevented (``Code/writesPrevented``), a lost connection (``Code/connectionLost``) | 503, `Retry-After: 1` — when the request had committed nothing, so the client may retry it as a whole |
+    /// | the same after the request committed work | 500: a retry could write twice |
+    /// | a write in a session of a read-only connect (``Code/readOnlySession``) | 409 |
+    /// | anything else: a failed statement or commit, a statement timeout, an engine that could not be created (a configuration error) | 500 |
     ///
     /// - Parameter exposingDetails: Put ``description`` (the connect, the host, the server's
     ///   reason; never a password) in the message. Default `false`: only what kind of failure
     ///   it was, for the public.
     /// - Returns: The status, `Retry-After` and message.
     public func httpAnswer(exposingDetails: Bool = false) -> DBHTTPAnswer {
-        let unavailable = "the database cannot serve this request now; retry later"
+        let retryable = requestCommittedWork != true
         var answer: DBHTTPAnswer
         switch code {
-        case .noHostAvailable, .connectionFailed, .notRunning, .engineCreationFailed:
-            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: unavailable)
-        case .writesPrevented:
+        case .noHostAvailable where retryable, .connectionFailed where retryable, .notRunning where retryable,
+             .connectionLost where retryable:
+            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: "the database cannot serve this request now; retry later")
+        case .writesPrevented where retryable:
             answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: "writes are paused for maintenance; retry later")
-        case .connectionLost where requestCommittedWork == false, .statementTimeout where requestCommittedWork == false:
-            answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: unavailable)
         case .readOnlySession:
             answer = DBHTTPAnswer(status: 409, message: "this request tried to write through a read-only database connection")
         default:

@@ -13,8 +13,8 @@ import Logging
 /// - Every session is closed and its connection returned, also when the request is cancelled.
 /// - A `DBError` that ends the request becomes an `HTTPError` (`DBError.httpAnswer(exposingDetails:)`):
 ///   503 with `Retry-After` when the database cannot serve now (no fit host, a pool or host
-///   out of reach, writes prevented, a lost connection before anything was committed), 409 for
-///   a write through a read-only session, else 500 — with a message that names no host.
+///   out of reach, writes prevented, a lost connection) and the request had committed nothing,
+///   409 for a write through a read-only connect's session, else 500 — with a message that names no host.
 ///
 /// ```swift
 /// let router = Router()

@@ -12,6 +12,14 @@ extension DBConnect where Engine == PostgresEngine {
     /// ```
     /// With several hosts in the URI, the first is the default; `beforeCreateSession` may pick
     /// another with `DBConnect.changeHost(_:)` (as `"host:port"`). Each host gets its own engine.
+    ///
+    /// Given no hook, the URI routes by itself, as libpq does: `target_session_attrs=read-write`
+    /// or `primary` follows the primary, `read-only` or `standby` reads from fit standbys (`READ
+    /// ONLY` sessions, no fallback), `prefer-standby` from a fit standby else the primary — each
+    /// through a `PostgresTopology` of the URI's hosts that the connect's `run()` runs — and
+    /// `load_balance_hosts=random` spreads sessions at random. With `any` (the default) and
+    /// several hosts, a session tries them in order until one gives a connection.
+    /// `DATABASE_URL=postgresql://…/app?target_session_attrs=standby` alone is a replica connect.
     /// - Parameters:
     ///   - label: A name for logs and errors.
     ///   - url: The URI; several hosts allowed.
@@ -36,7 +44,8 @@ extension DBConnect where Engine == PostgresEngine {
     ///     ``PostgresTopology/primaryHook()``. Pass it or `beforeCreateSession`, not both.
     ///   - instrumentation: Where metrics and spans go (see `DBInstrumentation`). Default: the
     ///     process-wide backends.
-    /// - Throws: `DBError.Code.invalidConfiguration` or `DBError.Code.emptyHost` for a bad URI.
+    /// - Throws: `DBError.Code.invalidConfiguration` or `DBError.Code.emptyHost` for a bad URI,
+    ///   or for `target_session_attrs` beside a hook of your own.
     public convenience init(
         label: String = "default",
         url: String,
@@ -60,6 +69,18 @@ extension DBConnect where Engine == PostgresEngine {
             throw error
         }
         let defaultPort = parsed.endpoints[0].port
+        var options = options
+        var chooseHost = chooseHost
+        var topology: PostgresTopology?
+        if chooseHost == nil, beforeCreateSession == nil {
+            (chooseHost, topology) = Self.routing(parsed, options: &options, logger: logger, instrumentation: instrumentation)
+        } else if parsed.targetSessionAttrs != .any {
+            throw DBError(
+                .invalidConfiguration,
+                "target_session_attrs=\(parsed.targetSessionAttrs.rawValue) routes by itself: drop it, or pass no chooseHost or beforeCreateSession",
+                connect: label
+            )
+        }
         self.init(
             label: label, host: parsed.endpoints[0].description, options: options,
             beforeCreateSession: beforeCreateSession, chooseHost: chooseHost,
@@ -71,6 +92,40 @@ extension DBConnect where Engine == PostgresEngine {
                 resetsSessionState: resetsSessionState, statementCacheSize: statementCacheSize,
                 capturesCommitLSN: readYourWrites, instrumentation: instrumentation, poolName: label, logger: logger
             )
+        }
+        if let topology { runAlongside(topology) }
+    }
+
+    /// The routing a URI asks for by itself (libpq's `target_session_attrs` and
+    /// `load_balance_hosts`), for a connect given no hook: a topology of the URI's hosts and its
+    /// hook, or for `any` the hosts in order (shuffled with `load_balance_hosts=random`), each
+    /// the next one's fallback as libpq tries them.
+    static func routing(
+        _ url: PostgresURL, options: inout DBSessionOptions, logger: Logger, instrumentation: DBInstrumentation
+    ) -> (ChooseHost?, PostgresTopology?) {
+        let policy: DBReplicaPolicy = url.loadBalanceHosts ? .random : .roundRobin
+        func topology() -> PostgresTopology {
+            PostgresTopology(url: url, configuration: PostgresTopology.Configuration(), logger: logger, instrumentation: instrumentation)
+        }
+        switch url.targetSessionAttrs {
+        case .any:
+            guard url.endpoints.count > 1 else { return (nil, nil) }
+            let hosts = url.endpoints.map(\.description)
+            let shuffles = url.loadBalanceHosts
+            return ({ _ in
+                var order = shuffles ? hosts.shuffled() : hosts
+                return DBHostChoice(order.removeFirst(), fallbacks: order)
+            }, nil)
+        case .readWrite, .primary:
+            let topology = topology()
+            return (topology.primaryHook(), topology)
+        case .readOnly, .standby:
+            options.readOnly = true
+            let topology = topology()
+            return (topology.replicaHook(policy: policy, fallbackToPrimary: false), topology)
+        case .preferStandby:
+            let topology = topology()
+            return (topology.replicaHook(policy: policy, fallbackToPrimary: true), topology)
         }
     }
 

@@ -111,10 +111,19 @@ extension DBSession where Engine == PostgresEngine {
                 connect: connectLabel, host: host, underlying: error
             )
         }
-        if state == "25006" {
+        if state == "25006", connect.options.readOnly {
             return DBError(
                 .readOnlySession,
                 "this session is read-only (\(message)); send writes through the primary connect",
+                connect: connectLabel, host: host, underlying: error
+            )
+        }
+        if state == "25006" {
+            // A connect that may write reached a host that may not: a primary demoted by a
+            // failover, or one set read-only. Not the request's fault; worth a retry.
+            return DBError(
+                .noHostAvailable,
+                "the host is read-only now (\(message)): a standby, or default_transaction_read_only — a failover may be under way",
                 connect: connectLabel, host: host, underlying: error
             )
         }

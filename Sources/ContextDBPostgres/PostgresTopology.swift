@@ -233,6 +233,7 @@ public final class PostgresTopology: Service, Sendable {
     /// running (``isLive`` is false), the round's connections are closed at its end: a topology
     /// only ever refreshed by hand leaves no connection open.
     public func refresh() async {
+        refreshing.add(1, ordering: .relaxed)
         let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
         await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
             for endpoint in endpoints {
@@ -241,8 +242,12 @@ public final class PostgresTopology: Service, Sendable {
             // Each host's entry as soon as its probe ends: a frozen host delays no other.
             for await (endpoint, result) in group { apply([endpoint: result]) }
         }
-        if !isLive { await closeProbeConnections() }
+        // The last refresh of a topology that does not run closes the connections; one still
+        // running shares them.
+        if refreshing.subtract(1, ordering: .relaxed).newValue == 0, !isLive { await closeProbeConnections() }
     }
+
+    private let refreshing = Atomic<Int>(0)
 
     /// Probes `endpoints` now, concurrently, and updates their entries as each answers (for the
     /// read-your-own-writes wait). Each probe has the full ``Configuration/probeTimeout``: a

@@ -10,7 +10,9 @@ import PostgresNIO
 /// "SSL Support"): `sslmode` (`disable`, `allow`, `prefer` — the default —, `require`,
 /// `verify-ca`, `verify-full`), `sslrootcert` (a PEM file of trusted CAs, or `system`),
 /// `sslcert` and `sslkey` (a client certificate and its key, PEM), `application_name`,
-/// `connect_timeout` (seconds). Others are rejected, so a typo never goes unnoticed.
+/// `connect_timeout` (seconds), `options` (`-c name=value` settings sent at connect),
+/// `target_session_attrs` and `load_balance_hosts=random` (which `DBConnect(url:)` routes by).
+/// Others are rejected, so a typo never goes unnoticed.
 ///
 /// The ``description`` masks the password.
 public struct PostgresURL: Sendable, CustomStringConvertible {
@@ -42,6 +44,15 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     /// The `sslkey` parameter: the path of the client certificate's private key (PEM, not
     /// encrypted, read when the URI is parsed). Given with ``sslCert``.
     public var sslKey: String?
+    /// The `options` parameter: command-line options sent to the server at each connect, such as
+    /// `-c statement_timeout=5s -c search_path=app` (PostgreSQL docs, "Parameter Key Words").
+    public var serverOptions: String?
+    /// The `target_session_attrs` parameter: which host of the URI a session may use. Default
+    /// ``PostgresTargetSessionAttrs/any``.
+    public var targetSessionAttrs: PostgresTargetSessionAttrs
+    /// `load_balance_hosts=random`: spread sessions over the hosts in random order instead of
+    /// trying them in the URI's order. Default `false` (`disable`).
+    public var loadBalanceHosts: Bool
 
     /// Parses a URI.
     /// - Parameter string: A `postgresql://` or `postgres://` URI.
@@ -110,6 +121,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         self.sslMode = .prefer
         self.applicationName = nil
         self.connectTimeout = .seconds(10)
+        self.targetSessionAttrs = .any
+        self.loadBalanceHosts = false
         var explicitSSLMode: PostgresSSLMode?
 
         for pair in query.split(separator: "&") where !pair.isEmpty {
@@ -139,6 +152,20 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                     throw invalid("sslkey \"\(value)\" is not a readable PEM private key (not encrypted)")
                 }
                 sslKey = value
+            case "options":
+                serverOptions = value
+            case "target_session_attrs":
+                guard let attrs = PostgresTargetSessionAttrs(rawValue: value) else {
+                    throw invalid(
+                        "target_session_attrs \"\(value)\" is not one of \(PostgresTargetSessionAttrs.allCases.map(\.rawValue).joined(separator: ", "))"
+                    )
+                }
+                targetSessionAttrs = attrs
+            case "load_balance_hosts":
+                guard value == "random" || value == "disable" else {
+                    throw invalid("load_balance_hosts \"\(value)\" is not random or disable")
+                }
+                loadBalanceHosts = value == "random"
             case "application_name":
                 applicationName = value
             case "connect_timeout":
@@ -148,7 +175,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                 connectTimeout = .seconds(seconds)
             default:
                 throw invalid(
-                    "the parameter \"\(key)\" is not supported (supported: sslmode, sslrootcert, sslcert, sslkey, application_name, connect_timeout)"
+                    "the parameter \"\(key)\" is not supported (supported: sslmode, sslrootcert, sslcert, sslkey, application_name, "
+                        + "connect_timeout, options, target_session_attrs, load_balance_hosts)"
                 )
             }
         }
@@ -176,6 +204,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         if let sslRootCert { text += "&sslrootcert=\(sslRootCert)" }
         if let sslCert { text += "&sslcert=\(sslCert)" }
         if let sslKey { text += "&sslkey=\(sslKey)" }
+        if targetSessionAttrs != .any { text += "&target_session_attrs=\(targetSessionAttrs.rawValue)" }
+        if loadBalanceHosts { text += "&load_balance_hosts=random" }
         return text
     }
 
@@ -222,9 +252,7 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
             username: username, password: password, database: database, tls: tls
         )
         configuration.options.connectTimeout = connectTimeout
-        if let applicationName {
-            configuration.options.additionalStartupParameters.append(("application_name", applicationName))
-        }
+        configuration.options.additionalStartupParameters = startupParameters
         return configuration
     }
 }
@@ -245,11 +273,31 @@ extension PostgresURL {
         configuration.options.connectTimeout = .nanoseconds(
             connectTimeout.components.seconds * 1_000_000_000 + connectTimeout.components.attoseconds / 1_000_000_000
         )
-        if let applicationName {
-            configuration.options.additionalStartupParameters.append(("application_name", applicationName))
-        }
+        configuration.options.additionalStartupParameters = startupParameters
         return configuration
     }
+
+    /// `application_name` and `options`, sent in each connection's startup message.
+    var startupParameters: [(String, String)] {
+        [("application_name", applicationName), ("options", serverOptions)].compactMap { name, value in value.map { (name, $0) } }
+    }
+}
+
+/// libpq's `target_session_attrs` (PostgreSQL docs, "Parameter Key Words"): which hosts a
+/// session may use. `DBConnect(url:)` routes by it with a `PostgresTopology` of the URI's hosts.
+public enum PostgresTargetSessionAttrs: String, CaseIterable, Sendable, Hashable {
+    /// Any host, in the URI's order: the first is the default host. The default.
+    case any
+    /// A host that accepts writes: the primary.
+    case readWrite = "read-write"
+    /// A host in read-only mode: a standby (sessions are `READ ONLY`).
+    case readOnly = "read-only"
+    /// The primary.
+    case primary
+    /// A standby (sessions are `READ ONLY`).
+    case standby
+    /// A standby when one is fit, else the primary.
+    case preferStandby = "prefer-standby"
 }
 
 /// PostgreSQL's `sslmode` (PostgreSQL docs, "SSL Support" in libpq): whether to use TLS and what

@@ -8,7 +8,7 @@ extension Application {
     /// `PostgresTopology`, which are ServiceLifecycle `Service`s.
     ///
     /// ```swift
-    /// app.contextDB.add(topology, primary, replica)
+    /// app.contextDB.use(topology, primary, replica)
     /// ```
     ///
     /// They run from the application's boot (Vapor's `LifecycleHandler.didBoot`) until its
@@ -28,6 +28,7 @@ extension Application {
 public final class ContextDBServices: LifecycleHandler {
     private struct State {
         var services: [any Service] = []
+        var booted = false
         var group: ServiceGroup?
         var running: Task<Void, Never>?
     }
@@ -42,31 +43,44 @@ public final class ContextDBServices: LifecycleHandler {
     /// Adds services to start at boot, in order; the group shuts them down in reverse order.
     /// - Parameter services: Connects, topologies — any ServiceLifecycle `Service`.
     /// - Precondition: The application has not booted yet.
-    public func add(_ services: any Service...) {
+    public func use(_ services: any Service...) {
         state.withLock { state in
-            precondition(state.group == nil, "add ContextDB services before the application boots")
+            precondition(!state.booted, "add ContextDB services before the application boots")
             state.services += services
         }
     }
 
-    /// Starts the services (a `ServiceGroup` in one task that runs until shutdown).
+    /// Starts the services (a `ServiceGroup` in one task that runs until shutdown). When the
+    /// group fails, the application stops: it cannot serve without its database.
     public func didBoot(_ application: Application) throws {
         state.withLock { state in
-            guard state.group == nil, !state.services.isEmpty else { return }
+            guard !state.booted else { return }
+            state.booted = true
+            guard !state.services.isEmpty else { return }
             let group = ServiceGroup(services: state.services, logger: logger)
             state.group = group
-            // Vapor's lifecycle has no task to run services in: one task holds the group, and
-            // the group runs each service as a child task of its own.
-            state.running = Task { [logger] in
-                do { try await group.run() } catch { logger.error("ContextDB services stopped", metadata: ["error": "\(error)"]) }
+            // Vapor's lifecycle has no task to run services in. This one lives as long as the
+            // application and must not inherit the booting task's task-locals (a test's
+            // DBContext, a read preference, a trace), hence detached; the group runs each
+            // service as a child task of its own.
+            state.running = Task.detached { [logger, weak application] in
+                do {
+                    try await group.run()
+                } catch {
+                    logger.critical("ContextDB services stopped; stopping the application", metadata: ["error": "\(error)"])
+                    application?.running?.stop()
+                }
             }
         }
     }
 
-    /// Shuts the services down gracefully and waits until they have stopped.
+    /// Stops the HTTP server first (no request may start once the database goes), then shuts the
+    /// services down gracefully and waits until they have stopped.
     public func shutdownAsync(_ application: Application) async {
         let (group, running) = state.withLock { ($0.group, $0.running) }
-        await group?.triggerGracefulShutdown()
+        guard let group else { return }
+        await application.server.shutdown()
+        await group.triggerGracefulShutdown()
         await running?.value
     }
 

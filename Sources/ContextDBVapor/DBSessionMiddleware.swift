@@ -11,11 +11,12 @@ import Vapor
 ///   **before** the response is returned; if a commit fails, the error goes on to Vapor's
 ///   `ErrorMiddleware` and the client gets a 500, never a 2xx for data that was not saved. A
 ///   status of 400 or more, or a thrown error (`Abort` included), rolls back.
-/// - Every session is closed and its connection returned, also when the client hangs up.
+/// - Every session is closed and its connection returned when the request ends (Vapor lets a
+///   handler run to its end when the client hangs up).
 /// - A `DBError` that ends the request becomes an `Abort` (`DBError.httpAnswer(exposingDetails:)`):
 ///   503 with `Retry-After` when the database cannot serve now (no fit host, a pool or host
-///   out of reach, writes prevented, a lost connection before anything was committed), 409 for
-///   a write through a read-only session, else 500 — with a reason that names no host.
+///   out of reach, writes prevented, a lost connection) and the request had committed nothing,
+///   409 for a write through a read-only connect's session, else 500 — with a reason that names no host.
 /// - The context is also stored in the request (``Vapor/Request/dbContext``), for routes that
 ///   return an `EventLoopFuture` and middleware that calls on through one: a task-local does
 ///   not follow a future's callbacks.
@@ -86,8 +87,9 @@ public struct DBSessionMiddleware: AsyncMiddleware {
                     onCommitted?(context, response)
                 }
             ) {
+                let outer = request.storage[RequestDBContextKey.self]
                 request.storage[RequestDBContextKey.self] = DBContext.current
-                defer { request.storage[RequestDBContextKey.self] = nil }
+                defer { request.storage[RequestDBContextKey.self] = outer }
                 return try await next.respond(to: request)
             }
         } catch let error as DBError {

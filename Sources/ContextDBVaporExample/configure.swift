@@ -21,7 +21,7 @@ func configure(_ app: Application, database: ExampleDatabase, hostname: String =
     app.middleware = Middlewares()
     app.middleware.use(ExampleErrorMiddleware())
     app.middleware.use(DBSessionMiddleware())
-    app.contextDB.add(database.topology, database.primary, database.replica)
+    app.contextDB.use(database.topology, database.primary, database.replica)
     app.lifecycle.use(CreateTables(database: database))
     addRoutes(to: app, database: database)
 }

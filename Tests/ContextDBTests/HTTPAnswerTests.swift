@@ -7,15 +7,18 @@ import TestSupport
     @Test(arguments: [
         (DBError.Code.noHostAvailable, nil, 503, 1),
         (.connectionFailed, nil, 503, 1),
-        (.notRunning, nil, 503, 1),
-        (.engineCreationFailed, nil, 503, 1),
+        (.notRunning, false, 503, 1),
         (.writesPrevented, nil, 503, 1),
         (.connectionLost, false, 503, 1),
-        (.statementTimeout, false, 503, 1),
+        (.connectionLost, nil, 503, 1),
+        // After the request committed work a retry could write twice: 500.
+        (.noHostAvailable, true, 500, nil),
+        (.connectionFailed, true, 500, nil),
+        (.writesPrevented, true, 500, nil),
         (.connectionLost, true, 500, nil),
-        (.connectionLost, nil, 500, nil),
-        (.statementTimeout, true, 500, nil),
         (.readOnlySession, nil, 409, nil),
+        (.statementTimeout, false, 500, nil),
+        (.engineCreationFailed, nil, 500, nil),
         (.commitFailed, false, 500, nil),
         (.commitOutcomeUnknown, false, 500, nil),
         (.queryFailed, false, 500, nil),
@@ -60,6 +63,23 @@ import TestSupport
         #expect(committed?.requestCommittedWork == true)
         #expect(committed?.httpAnswer().status == 500)
         #expect(database.committedRows == 1)
+    }
+
+    @Test func aCommitInANestedContextCountsForTheRequest() async throws {
+        let database = FakeDatabase()
+        let connect = DBConnect.fake(label: "primary", database: database)
+        let error = await expectDBError(.connectionLost) {
+            _ = try await withDBRequest(statusCode: { (_: Int) in 200 }) {
+                try await withDBContext { try await connect.session().execute("INSERT") }  // committed at its end
+                let session = try await connect.session()
+                try await session.execute("INSERT")
+                database.terminateLeasedConnections()
+                try await session.execute("SELECT")
+                return 200
+            }
+        }
+        #expect(error?.requestCommittedWork == true)
+        #expect(error?.httpAnswer().status == 500)
     }
 
     @Test func preventedWritesBeginReadOnlyTransactionsUntilAllowedAgain() async throws {

@@ -17,7 +17,7 @@ enum VaporDocCSnippets {
         let primary = try DBConnect(label: "primary", url: url, chooseHost: topology.primaryHook())
         let replica = try DBConnect(label: "replica", url: url, options: DBSessionOptions(readOnly: true),
                                     chooseHost: topology.replicaHook())
-        app.contextDB.add(topology, primary, replica)      // run from boot to shutdown
+        app.contextDB.use(topology, primary, replica)      // run from boot to shutdown
         app.middleware.use(DBSessionMiddleware())          // one context per request
 
         app.post("items") { request async throws -> HTTPStatus in
@@ -43,7 +43,7 @@ enum VaporReadmeSnippets {
         let app = try await Application.make(.detect())
         let primary = try DBConnect(label: "primary",
             url: "postgresql://contextdb:contextdb@127.0.0.1:25432/contextdb?sslmode=disable")
-        app.contextDB.add(primary)                         // runs the connect's pools from boot to shutdown
+        app.contextDB.use(primary)                         // runs the connect's pools from boot to shutdown
         app.middleware.use(DBSessionMiddleware())          // one context per request, committed before the response
         app.post("items") { request async throws -> HTTPStatus in
             let item = try request.content.decode(NewItem.self)

@@ -1,0 +1,99 @@
+import ContextDB
+import ContextDBPostgres
+import Testing
+import TestSupport
+
+/// libpq's connection-string parameters that route or configure a connect by themselves,
+/// against the test cluster (a primary and its replicas).
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(2)))
+struct ConnectionStringTests {
+    /// The cluster's URI with `query`, the hosts in `order` (default: primary first).
+    static func url(_ query: String, hosts: [String]? = nil) -> String {
+        let hosts = hosts ?? ([TestCluster.primaryEndpoint] + TestCluster.replicaEndpoints)
+        return "postgresql://\(TestCluster.user):\(TestCluster.password)@\(hosts.joined(separator: ","))/\(TestCluster.database)?sslmode=disable&\(query)"
+    }
+
+    static func servingPort(_ connect: DBConnect<PostgresEngine>) async throws -> Int? {
+        try await withDBContext { try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self) }
+    }
+
+    @Test func standbyAloneIsAReplicaConnect() async throws {
+        let replica = try running(DBConnect(label: "replica", url: Self.url("target_session_attrs=standby")))
+        let replicaPorts = Set(TestCluster.replicaPorts)
+        for _ in 0..<6 {
+            let port = try #require(try await Self.servingPort(replica))
+            #expect(replicaPorts.contains(port), "a standby serves: \(port)")
+        }
+        await expectDBError(.readOnlySession) {
+            try await withDBContext { try await replica.session().execute("CREATE TABLE never_made (id int)") }
+        }
+        await replica.close()
+    }
+
+    @Test func readWriteFindsThePrimaryWhereverItIsListed() async throws {
+        let hosts = TestCluster.replicaEndpoints + [TestCluster.primaryEndpoint]  // the primary last
+        let primary = try running(DBConnect(label: "primary", url: Self.url("target_session_attrs=read-write", hosts: hosts)))
+        #expect(try await Self.servingPort(primary) == TestCluster.port)
+        await primary.close()
+    }
+
+    @Test func preferStandbyAndLoadBalancingSpreadOverTheStandbys() async throws {
+        let replica = try running(DBConnect(
+            label: "replica", url: Self.url("target_session_attrs=prefer-standby&load_balance_hosts=random")
+        ))
+        var served = Set<Int>()
+        for _ in 0..<40 { served.insert(try #require(try await Self.servingPort(replica))) }
+        #expect(served.isSubset(of: Set(TestCluster.replicaPorts)), "\(served)")
+        #expect(served.count == TestCluster.replicaPorts.count, "random spreads over every standby: \(served)")
+        await replica.close()
+    }
+
+    @Test func anyTriesTheHostsInOrder() async throws {
+        let hosts = ["127.0.0.1:1", TestCluster.primaryEndpoint]  // the first refuses connections
+        let connect = try running(DBConnect(label: "any", url: Self.url("connect_timeout=2", hosts: hosts)))
+        #expect(try await Self.servingPort(connect) == TestCluster.port)
+        await connect.close()
+    }
+
+    @Test func optionsAreSetOnEachConnection() async throws {
+        let connect = try running(DBConnect(
+            label: "options", url: Self.url("options=-c%20statement_timeout%3D4321%20-c%20application_name%3Dfrom_options")
+        ))
+        let (timeout, name) = try await withDBContext {
+            let session = try await connect.session()
+            return (
+                try await session.queryValue("SHOW statement_timeout", as: String.self),
+                try await session.queryValue("SELECT current_setting('application_name')", as: String.self)
+            )
+        }
+        #expect(timeout == "4321ms")
+        #expect(name == "from_options")
+        await connect.close()
+    }
+
+    /// A connect that may write, on a host that may not (as a demoted primary after a failover):
+    /// not the request's fault — `noHostAvailable`, a 503 — where a read-only connect's write is
+    /// `readOnlySession`, a 409.
+    @Test func aWriteOnAHostThatBecameReadOnlyIsRetryable() async throws {
+        let connect = try running(DBConnect(label: "primary", url: Self.url("options=-c%20default_transaction_read_only%3Don")))
+        let error = await expectDBError(.noHostAvailable) {
+            try await withDBContext { try await connect.session().execute("CREATE TABLE never_made (id int)") }
+        }
+        #expect(error?.message.contains("the host is read-only now") == true)
+        #expect(error?.httpAnswer().status == 503)
+        await connect.close()
+    }
+
+    @Test func aHookOfYourOwnAndTargetSessionAttrsAreRefusedTogether() async throws {
+        let error = await expectDBError(.invalidConfiguration) {
+            _ = try DBConnect(label: "both", url: Self.url("target_session_attrs=standby"), chooseHost: { _ in DBHostChoice("x") })
+        }
+        #expect(error?.message.contains("routes by itself") == true)
+    }
+
+    @Test(arguments: ["target_session_attrs=replica", "load_balance_hosts=round-robin"])
+    func unknownValuesAreRefused(query: String) async throws {
+        let error = await expectDBError(.invalidConfiguration) { _ = try PostgresURL(Self.url(query)) }
+        #expect(error?.message.contains(String(query.split(separator: "=")[0])) == true)
+    }
+}
