@@ -132,6 +132,42 @@ extension DBSession {
         state.withLock { $0.busy = false }
     }
 
+    /// For engine modules' safe read retries: after the first statement of a transaction of a
+    /// read-only connect failed in a way another host may not (a lost connection, a recovery
+    /// conflict on a standby) — and before any row reached the caller —, ends the transaction,
+    /// gives the connection back, and points the session at its next candidate host (the next
+    /// fit replica, then the primary). Counts a failover (``DBMetricName/failovers``).
+    ///
+    /// The caller runs the statement again, once; nothing else is ever retried.
+    /// - Parameters:
+    ///   - error: Why the statement failed.
+    ///   - hostIsSuspect: Tell the host hook the host failed (`onLeaseFailure`), so routing avoids
+    ///     it until its next good probe: for a lost connection, not for a recovery conflict.
+    /// - Returns: Whether the session moved: `false` for a session that may write, a test's
+    ///   savepoint session, or one with no host left.
+    package nonisolated(nonsending) func moveToNextHost(after error: DBError, hostIsSuspect: Bool) async -> Bool {
+        guard mode.ownsConnection, connect.options.readOnly else { return false }
+        let current = state.withLock { $0.host }
+        guard let index = candidates.firstIndex(of: current), index + 1 < candidates.count else { return false }
+        try? await rollback()  // a lost transaction is forgotten; a live one (aborted) rolled back
+        let lease = state.withLock { state -> DBLease<Engine>? in
+            guard !state.busy, case .connected(let lease) = state.phase else { return nil }
+            state.phase = .idle
+            return Self.lease(lease)
+        }
+        if let lease { await lease.release(reusable: true) }
+        let moved = state.withLock { state -> Bool in
+            guard !state.busy, !state.phase.hasTransaction, state.phase.lease == nil else { return false }
+            state.host = candidates[index + 1]
+            state.everLeased = false
+            return true
+        }
+        guard moved else { return false }
+        if hostIsSuspect { onLeaseFailure?(current, error) }
+        connect.countFailover(from: current)
+        return true
+    }
+
     /// Rolls back if needed, then releases. A connection whose rollback failed is not pooled.
     nonisolated(nonsending) func finalRelease(_ lease: DBLease<Engine>) async {
         let inTransaction = state.withLock { state in

@@ -17,6 +17,12 @@ extension DBSession where Engine == PostgresEngine {
     ///   - query: The statement.
     ///   - logger: Where PostgresNIO logs the query. Default: the engine's logger.
     ///   - prepared: Prepare the statement on the connection and reuse it. Default `true`.
+    ///
+    /// In a session of a read-only connect, a transaction's first statement that fails with a
+    /// lost connection or a recovery conflict (SQLSTATE 40001) runs once more on the session's
+    /// next candidate host — the next fit replica, then the primary — with a log line at info
+    /// and a count in `contextdb.failovers`: no row had reached the caller, so nothing is seen
+    /// twice. Nothing else is ever retried.
     /// - Returns: Every row, already read off the connection.
     /// - Throws: `DBError` — `DBError.Code.readOnlySession` for a write in a read-only session,
     ///   `DBError.Code.queryFailed` (with the server's message and SQLSTATE) for other server errors,
@@ -25,7 +31,38 @@ extension DBSession where Engine == PostgresEngine {
     ///   `DBError.Code.statementTimeout` past the connect's statement timeout.
     @discardableResult
     public func query(_ query: PostgresQuery, logger: Logger? = nil, prepared: Bool = true) async throws -> [PostgresRow] {
+        var firstOfTransaction = false
+        var engineLogger: Logger?
+        do {
+            return try await rows(query, logger: logger, prepared: prepared) { began, logger in
+                firstOfTransaction = began
+                engineLogger = logger
+            }
+        } catch let error as DBError where firstOfTransaction && Self.isRetryableRead(error) {
+            // A read-only transaction's first statement, no row returned: safe to run on the
+            // next fit host (then the primary). Once; nothing else is ever retried.
+            let from = host
+            guard await moveToNextHost(after: error, hostIsSuspect: error.code == .connectionLost) else { throw error }
+            engineLogger?.info("retrying a read on the next host", metadata: [
+                "db.connect": "\(connectLabel)", "db.host": "\(from)", "contextdb.failover.to": "\(host)", "error.type": "\(error.code)",
+            ])
+            return try await rows(query, logger: logger, prepared: prepared) { _, _ in }
+        }
+    }
+
+    /// A failure of a read-only transaction's first statement that another host may not have:
+    /// a lost connection, or a recovery conflict on a standby (SQLSTATE 40001).
+    static func isRetryableRead(_ error: DBError) -> Bool {
+        error.code == .connectionLost || (error.code == .queryFailed && error.sqlState == "40001")
+    }
+
+    /// Runs `query` in the session's transaction, telling `began` whether it is the
+    /// transaction's first statement, and the engine's logger.
+    private func rows(
+        _ query: PostgresQuery, logger: Logger?, prepared: Bool, began: (Bool, Logger) -> Void
+    ) async throws -> [PostgresRow] {
         try await withLeasedConnection { engine, connection, beganTransaction in
+            began(beganTransaction, engine.logger)
             let logger = logger ?? engine.logger
             do {
                 return try await instrumentStatement(Self.operationName(of: query.sql), text: { query.sql }) {

@@ -97,3 +97,54 @@ struct ConnectionStringTests {
         #expect(error?.message.contains(String(query.split(separator: "=")[0])) == true)
     }
 }
+
+/// Safe retries: a read-only transaction's first statement that lost its connection runs once
+/// more on the next host; a later statement does not.
+@Suite(.enabled(if: TestCluster.isAvailable && !TestCluster.replicaPorts.isEmpty), .runsServices, .timeLimit(.minutes(1)))
+struct SafeReadRetryTests {
+    /// Runs `read` on a replica-first connect, ends its backend while `SELECT … pg_sleep(1)`
+    /// runs there, and returns what `read` returned.
+    func readWhileTheReplicaEndsIt<R: Sendable>(
+        _ read: @escaping @Sendable (DBSession<PostgresEngine>) async throws -> R
+    ) async throws -> R {
+        let name = "retry_\(UInt32.random(in: 0...UInt32.max))"
+        let replica = TestCluster.replicaEndpoints[0]
+        let connect = try running(DBConnect(
+            label: "replica", url: TestCluster.clusterURL(query: "sslmode=disable&application_name=\(name)"),
+            options: DBSessionOptions(readOnly: true),
+            chooseHost: { _ in DBHostChoice(replica, fallbacks: [TestCluster.primaryEndpoint]) }
+        ))
+        let admin = try running(DBConnect(label: "admin", url: TestCluster.url(port: TestCluster.replicaPorts[0])))
+        defer { Task { await connect.close(); await admin.close() } }
+        async let result = withDBContext { try await read(connect.session()) }
+        try await eventually("the read sleeps on the replica") {
+            try await admin.withSession { session in
+                try await session.queryValue(
+                    "SELECT count(*)::int FROM pg_stat_activity WHERE application_name = \(name) AND query LIKE '%pg_sleep%'",
+                    as: Int.self
+                )
+            } == 1
+        }
+        try await admin.withSession { session in
+            try await session.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = \(name)")
+        }
+        return try await result
+    }
+
+    @Test func aFirstReadThatLostItsConnectionRunsOnTheNextHost() async throws {
+        let port = try await readWhileTheReplicaEndsIt { session in
+            try await session.queryValue("SELECT inet_server_port() FROM pg_sleep(1)", as: Int.self)
+        }
+        #expect(port == TestCluster.port, "the primary, the replica's fallback, answered")
+    }
+
+    @Test func aLaterReadIsNeverRetried() async throws {
+        let error = await expectDBError(.connectionLost) {
+            _ = try await readWhileTheReplicaEndsIt { session in
+                _ = try await session.queryValue("SELECT 1", as: Int.self)  // the transaction's first statement
+                return try await session.queryValue("SELECT inet_server_port() FROM pg_sleep(1)", as: Int.self)
+            }
+        }
+        #expect(error?.host == TestCluster.replicaEndpoints[0])
+    }
+}

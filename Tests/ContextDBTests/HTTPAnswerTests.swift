@@ -82,6 +82,27 @@ import TestSupport
         #expect(error?.httpAnswer().status == 500)
     }
 
+    @Test func onlyAReadOnlyConnectsSessionMovesToItsNextHost() async throws {
+        let database = FakeDatabase()
+        for readOnly in [true, false] {
+            let connect = DBConnect.fake(
+                label: "replica", options: DBSessionOptions(readOnly: readOnly), database: database,
+                chooseHost: { _ in DBHostChoice("db1", fallbacks: ["db2"]) }
+            )
+            try await withDBContext {
+                let session = try await connect.session()
+                try await session.execute("SELECT")
+                let moved = await session.moveToNextHost(after: DBError(.connectionLost, "lost"), hostIsSuspect: false)
+                #expect(moved == readOnly)
+                #expect(session.host == (readOnly ? "db2" : "db1"))
+                try await session.execute("SELECT")  // runs on its (new) host
+                #expect(await session.moveToNextHost(after: DBError(.connectionLost, "lost"), hostIsSuspect: false) == false || !readOnly)
+            }
+        }
+        #expect(database.leasedCount == 0)
+        #expect(database.log.contains { $0.contains("db2") } || database.enginesCreated.contains("db2"))
+    }
+
     @Test func preventedWritesBeginReadOnlyTransactionsUntilAllowedAgain() async throws {
         let database = FakeDatabase()
         let connect = DBConnect.fake(label: "primary", database: database)
