@@ -29,6 +29,11 @@ public final class PostgresTopology: Service, Sendable {
     public struct Configuration: Sendable {
         /// The time between two probe rounds. Default 500 ms.
         public var probeInterval: Duration = .milliseconds(500)
+        /// The first time between two probes of a host while no primary is known — a failover
+        /// under way, or a primary not up yet: probes come this often, then twice as far apart
+        /// each round up to the smaller of ``probeInterval`` and 1 s, and back to
+        /// ``probeInterval`` once a primary is found. Default 100 ms.
+        public var failoverProbeInterval: Duration = .milliseconds(100)
         /// The longest one probe (connect + query) may take; a host that does not answer within
         /// it is marked down at once. Default 2 s.
         public var probeTimeout: Duration = .seconds(2)
@@ -261,7 +266,8 @@ public final class PostgresTopology: Service, Sendable {
         }
     }
 
-    /// Probes each host every ``Configuration/probeInterval``, each on its own schedule, until
+    /// Probes each host every ``Configuration/probeInterval`` (more often while no primary is
+    /// known: ``Configuration/failoverProbeInterval``), each on its own schedule, until
     /// the task is cancelled or a graceful shutdown begins; then closes its probe connections.
     public func run() async throws {
         let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
@@ -271,15 +277,28 @@ public final class PostgresTopology: Service, Sendable {
             await withTaskGroup(of: Void.self) { group in
                 for endpoint in endpoints {
                     group.addTask {
+                        var fast = self.configuration.failoverProbeInterval
                         while !Task.isCancelled {
                             self.apply([endpoint: await self.probe(endpoint)])
-                            try? await Task.sleep(for: self.configuration.probeInterval)
+                            try? await Task.sleep(for: self.nextProbeDelay(&fast))
                         }
                     }
                 }
             }
         }
         await closeProbeConnections()
+    }
+
+    /// The wait before a host's next probe: ``Configuration/probeInterval`` while a primary is
+    /// known; else `fast`, which then doubles up to the smaller of `probeInterval` and 1 s.
+    private func nextProbeDelay(_ fast: inout Duration) -> Duration {
+        let normal = configuration.probeInterval
+        guard snapshot.primary == nil else {
+            fast = configuration.failoverProbeInterval
+            return normal
+        }
+        defer { fast = min(fast * 2, min(normal, .seconds(1))) }
+        return min(fast, normal)
     }
 
     /// Closes the probe connections the probes keep between rounds.

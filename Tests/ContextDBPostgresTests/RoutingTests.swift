@@ -239,6 +239,23 @@ struct FailoverTests {
         }
     }
 
+    /// While no primary is known the topology probes every 100 ms, backing off to 1 s — here
+    /// with a normal interval of a minute, which alone would not see the primary in time.
+    @Test func withNoPrimaryKnownTheTopologyProbesOftenUntilOneIsFound() async throws {
+        try await ScratchCluster.with(primaryPort: 27512, replicas: 0) { cluster in
+            try await cluster.run("stop-primary")
+            var configuration = PostgresTopology.Configuration()
+            configuration.probeInterval = .seconds(60)
+            configuration.probeTimeout = .seconds(1)
+            let topology = running(try PostgresTopology(url: cluster.url, configuration: configuration))
+            try await eventually("the first probe found no primary") {
+                topology.isLive && topology.readiness().reason?.contains("no healthy primary") == true
+            }
+            try await cluster.run("start-primary")
+            try await eventually("the primary is found long before a minute") { topology.snapshot.primary != nil }
+        }
+    }
+
     @Test func writesFollowAPromotionWithoutARestart() async throws {
         try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
