@@ -17,6 +17,13 @@ public struct ExampleDatabase: Sendable {
     /// The example's lease deadline: with the statement deadline, no request waits more than
     /// about 10 seconds on a frozen host.
     public static let leaseTimeout = Duration.seconds(4)
+    /// The example's topology settings: the library's, but a write that finds no primary (a
+    /// failover under way) waits up to 10 s for one instead of failing at once.
+    public static var topologyConfiguration: PostgresTopology.Configuration {
+        var configuration = PostgresTopology.Configuration()
+        configuration.primaryWaitTimeout = .seconds(10)
+        return configuration
+    }
 
     public let topology: PostgresTopology
     public let primary: DBConnect<PostgresEngine>
@@ -43,7 +50,7 @@ public struct ExampleDatabase: Sendable {
         maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         readYourWrites: Bool = true,
         resetsSessionState: Bool = true,
-        topology configuration: PostgresTopology.Configuration = PostgresTopology.Configuration(),
+        topology configuration: PostgresTopology.Configuration = ExampleDatabase.topologyConfiguration,
         instrumentation: DBInstrumentation = DBInstrumentation(),
         logger: Logger
     ) throws {

@@ -20,6 +20,8 @@ extension PostgresTopology {
     /// the engines of hosts that stopped being the primary are drained — closed once their
     /// sessions have given their connections back (`DBHostChoice.retiresOtherHosts`). Right after start-up, before every host has
     /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
+    /// While no primary is known (a failover under way), it waits up to
+    /// ``Configuration/primaryWaitTimeout`` for one — woken by the probe that finds it.
     /// A session it cannot route fails with `DBError.Code.noHostAvailable`, logged
     /// at warning level.
     /// - Returns: The hook, for `DBConnect(chooseHost:)`.
@@ -27,11 +29,21 @@ extension PostgresTopology {
         { [self] request in
             let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
-            let snapshot = self.snapshot
+            var snapshot = self.snapshot
+            var waited: String?
+            if snapshot.primary == nil, configuration.primaryWaitTimeout > .zero {
+                let started = ContinuousClock.now
+                switch await waitForPrimary(timeout: configuration.primaryWaitTimeout) {
+                case .found: break
+                case .timedOut: waited = " after waiting \(started.duration(to: .now)) for one (primaryWaitTimeout)"
+                case .tooManyWaiting: waited = ", and \(configuration.maximumPrimaryWaiters) sessions wait for one already (maximumPrimaryWaiters)"
+                }
+                snapshot = self.snapshot
+            }
             guard let primary = snapshot.primary else {
                 let error = DBError(
                     .noHostAvailable,
-                    "no healthy primary among \(describe(snapshot)); is the topology service running, and is a primary up?",
+                    "no healthy primary among \(describe(snapshot))\(waited ?? ""); is the topology service running, and is a primary up?",
                     connect: connect.label
                 )
                 logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "error.message": "\(error.message)"])

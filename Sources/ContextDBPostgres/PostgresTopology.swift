@@ -34,6 +34,14 @@ public final class PostgresTopology: Service, Sendable {
         /// each round up to the smaller of ``probeInterval`` and 1 s, and back to
         /// ``probeInterval`` once a primary is found. Default 100 ms.
         public var failoverProbeInterval: Duration = .milliseconds(100)
+        /// How long a session that needs the primary waits for one while none is known — a
+        /// failover under way — before it fails with `DBError.Code.noHostAvailable`. It is woken
+        /// as soon as a probe finds a primary (no polling), and gives up on cancellation.
+        /// Default 0: fail at once. The example uses 10 s.
+        public var primaryWaitTimeout: Duration = .zero
+        /// The most sessions that wait for a primary at once; beyond it they fail at once, so a
+        /// long outage does not pile up work. Default 100.
+        public var maximumPrimaryWaiters: Int = 100
         /// The longest one probe (connect + query) may take; a host that does not answer within
         /// it is marked down at once. Default 2 s.
         public var probeTimeout: Duration = .seconds(2)
@@ -143,6 +151,8 @@ public final class PostgresTopology: Service, Sendable {
     /// waiting for them (by id). `nil` once the first round is complete.
     private let firstRound: Mutex<(unprobed: Set<PostgresEndpoint>, waiters: [Int: CheckedContinuation<Void, Never>])?>
     private let nextWaiter = Atomic<Int>(0)
+    /// Sessions waiting for a primary, resumed by the probe that finds one.
+    private let primaryWaiters = Mutex<[Int: CheckedContinuation<Void, Never>]>([:])
     let turn = Atomic<Int>(0)
     /// Per-host gauges, routing counters and the read-your-own-writes wait.
     let metrics: PostgresTopologyMetrics
@@ -441,26 +451,80 @@ public final class PostgresTopology: Service, Sendable {
     /// snapshot. Returns at once afterwards.
     func waitForFirstRound(timeout: Duration) async {
         guard firstRound.withLock({ $0 != nil }) else { return }
+        await park(
+            timeout: timeout,
+            register: { id, continuation in
+                self.firstRound.withLock { round -> Bool in
+                    guard round != nil, !Task.isCancelled else { return false }
+                    round!.waiters[id] = continuation
+                    return true
+                }
+            },
+            unregister: { id in self.firstRound.withLock { $0?.waiters.removeValue(forKey: id) } }
+        )
+    }
+
+    /// Parks the calling task until what it waits for resumes it, at most `timeout`, or until
+    /// it is cancelled. `register` parks the continuation under its lock, or returns `false`
+    /// when the wait is over already or the task is cancelled (checked under the same lock as
+    /// `unregister`, so a cancellation is never missed); `unregister` takes it back on a
+    /// timeout or cancellation.
+    private func park(
+        timeout: Duration,
+        register: @escaping @Sendable (Int, CheckedContinuation<Void, Never>) -> Bool,
+        unregister: @escaping @Sendable (Int) -> CheckedContinuation<Void, Never>?
+    ) async {
         let id = nextWaiter.add(1, ordering: .relaxed).oldValue
         await withTaskGroup(of: Void.self) { group in
             group.addTask { try? await Task.sleep(for: timeout) }
             group.addTask {
                 await withTaskCancellationHandler {
                     await withCheckedContinuation { continuation in
-                        let done = self.firstRound.withLock { round -> Bool in
-                            guard round != nil, !Task.isCancelled else { return true }
-                            round!.waiters[id] = continuation
-                            return false
-                        }
-                        if done { continuation.resume() }
+                        if !register(id, continuation) { continuation.resume() }
                     }
                 } onCancel: {
-                    self.firstRound.withLock { $0?.waiters.removeValue(forKey: id) }?.resume()
+                    unregister(id)?.resume()
                 }
             }
             await group.next()
             group.cancelAll()
         }
+    }
+
+    /// Waits until a primary is known — at most `timeout`, and not when
+    /// ``Configuration/maximumPrimaryWaiters`` sessions already wait.
+    /// - Returns: Whether a primary is known now, or why not.
+    func waitForPrimary(timeout: Duration) async -> PrimaryWait {
+        guard snapshot.primary == nil else { return .found }
+        guard primaryWaiters.withLock({ $0.count < configuration.maximumPrimaryWaiters }) else { return .tooManyWaiting }
+        await park(
+            timeout: timeout,
+            register: { id, continuation in
+                // The waiters' lock, then the state's; `apply` takes them one at a time.
+                self.primaryWaiters.withLock { waiters -> Bool in
+                    guard self.snapshot.primary == nil, !Task.isCancelled else { return false }
+                    waiters[id] = continuation
+                    return true
+                }
+            },
+            unregister: { id in self.primaryWaiters.withLock { $0.removeValue(forKey: id) } }
+        )
+        return snapshot.primary != nil ? .found : .timedOut
+    }
+
+    /// How a wait for a primary ended.
+    enum PrimaryWait {
+        case found, timedOut, tooManyWaiting
+    }
+
+    /// Wakes every session waiting for a primary, once one is known.
+    private func wakePrimaryWaiters() {
+        guard snapshot.primary != nil else { return }
+        let waiters = primaryWaiters.withLock { waiters in
+            defer { waiters.removeAll() }
+            return Array(waiters.values)
+        }
+        for waiter in waiters { waiter.resume() }
     }
 
     /// Records that `endpoints` had a probe; completes the first round when none is left.
@@ -476,7 +540,10 @@ public final class PostgresTopology: Service, Sendable {
     }
 
     private func apply(_ results: [PostgresEndpoint: Result<Probe, any Error>], background: Bool = true) {
-        defer { markProbed(results.keys) }
+        defer {
+            markProbed(results.keys)
+            wakePrimaryWaiters()
+        }
         var unprivilegedWarning = false
         let changes = state.withLock { snapshot -> [HostStatus] in
             var changes: [HostStatus] = []

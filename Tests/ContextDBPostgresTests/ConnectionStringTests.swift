@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBPostgres
+import PostgresNIO
 import Testing
 import TestSupport
 
@@ -102,8 +103,12 @@ struct ConnectionStringTests {
 /// more on the next host; a later statement does not.
 @Suite(.enabled(if: TestCluster.isAvailable && !TestCluster.replicaPorts.isEmpty), .runsServices, .timeLimit(.minutes(1)))
 struct SafeReadRetryTests {
-    /// Runs `read` on a replica-first connect, ends its backend while `SELECT … pg_sleep(1)`
-    /// runs there, and returns what `read` returned.
+    /// The statement `read` sleeps in: long on a standby (until the test ends its backend),
+    /// no time on the primary, where the retry runs.
+    static let sleepOnStandby = "SELECT inet_server_port() FROM (SELECT CASE WHEN pg_is_in_recovery() THEN pg_sleep(30) END) AS wait"
+
+    /// Runs `read` on a replica-first connect, ends its backend while `sleepOnStandby` runs
+    /// there, and returns what `read` returned.
     func readWhileTheReplicaEndsIt<R: Sendable>(
         _ read: @escaping @Sendable (DBSession<PostgresEngine>) async throws -> R
     ) async throws -> R {
@@ -120,7 +125,7 @@ struct SafeReadRetryTests {
         try await eventually("the read sleeps on the replica") {
             try await admin.withSession { session in
                 try await session.queryValue(
-                    "SELECT count(*)::int FROM pg_stat_activity WHERE application_name = \(name) AND query LIKE '%pg_sleep%'",
+                    "SELECT count(*)::int FROM pg_stat_activity WHERE application_name = \(name) AND state = 'active' AND query LIKE '%pg_sleep%'",
                     as: Int.self
                 )
             } == 1
@@ -133,7 +138,7 @@ struct SafeReadRetryTests {
 
     @Test func aFirstReadThatLostItsConnectionRunsOnTheNextHost() async throws {
         let port = try await readWhileTheReplicaEndsIt { session in
-            try await session.queryValue("SELECT inet_server_port() FROM pg_sleep(1)", as: Int.self)
+            try await session.queryValue(PostgresQuery(unsafeSQL: Self.sleepOnStandby), as: Int.self)
         }
         #expect(port == TestCluster.port, "the primary, the replica's fallback, answered")
     }
@@ -142,7 +147,7 @@ struct SafeReadRetryTests {
         let error = await expectDBError(.connectionLost) {
             _ = try await readWhileTheReplicaEndsIt { session in
                 _ = try await session.queryValue("SELECT 1", as: Int.self)  // the transaction's first statement
-                return try await session.queryValue("SELECT inet_server_port() FROM pg_sleep(1)", as: Int.self)
+                return try await session.queryValue(PostgresQuery(unsafeSQL: Self.sleepOnStandby), as: Int.self)
             }
         }
         #expect(error?.host == TestCluster.replicaEndpoints[0])

@@ -256,6 +256,47 @@ struct FailoverTests {
         }
     }
 
+    /// A write that finds no primary waits for the promotion instead of failing; with no
+    /// promotion it fails once `primaryWaitTimeout` has passed.
+    @Test func writesWaitForAPrimaryDuringAFailover() async throws {
+        try await ScratchCluster.with(primaryPort: 27522, replicas: 1) { cluster in
+            var configuration = PostgresTopology.Configuration()
+            configuration.probeInterval = .milliseconds(100)
+            configuration.probeTimeout = .seconds(1)
+            configuration.failuresBeforeDown = 1
+            configuration.primaryWaitTimeout = .seconds(20)
+            let topology = running(try PostgresTopology(url: cluster.url, configuration: configuration))
+            let primary = try running(DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook()))
+            try await withDBContext { try await primary.session().execute("CREATE TABLE waited (id int)") }
+            try await eventually("the replica has the table") { topology.snapshot.replicas.first?.lagBytes == 0 }
+
+            try await cluster.run("stop-primary")
+            try await eventually("no primary is known") { topology.snapshot.primary == nil }
+            async let written = withDBContext {
+                let session = try await primary.session()  // waits here for a primary
+                try await session.execute("INSERT INTO waited VALUES (1)")
+                return session.host
+            }
+            try await Task.sleep(for: .milliseconds(300))  // the write is waiting, not failed
+            try await cluster.run("promote", "1")
+            #expect(try await written == cluster.endpoint(cluster.replicaPorts[0]), "written on the promoted replica")
+
+            // No primary and none coming: the wait ends with noHostAvailable (a 503).
+            try await cluster.run("stop-replica", "1")
+            try await eventually("no primary is known again") { topology.snapshot.primary == nil }
+            var short = configuration
+            short.primaryWaitTimeout = .milliseconds(300)
+            let impatient = running(try PostgresTopology(url: cluster.url, configuration: short))
+            await impatient.refresh()
+            let late = try running(DBConnect(label: "late", url: cluster.url, chooseHost: impatient.primaryHook()))
+            let error = await expectDBError(.noHostAvailable) {
+                try await withDBContext { try await late.session().execute("INSERT INTO waited VALUES (2)") }
+            }
+            #expect(error?.message.contains("primaryWaitTimeout") == true, "\(String(describing: error))")
+            for connect in [primary, late] { await connect.close() }
+        }
+    }
+
     @Test func writesFollowAPromotionWithoutARestart() async throws {
         try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
