@@ -86,6 +86,8 @@ extension PostgresTopology {
     ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position.
     ///     Default 500 ms. A re-probe already running finishes first, so a replica that stopped
     ///     answering and is not marked down yet can stretch the wait by up to one probe timeout.
+    /// When the read must go to the primary and none is known, it waits as ``primaryHook()``
+    /// does (``Configuration/primaryWaitTimeout``).
     /// Inside `withPrimaryReads { }` it routes to the primary (reason `scope`); inside
     /// `withMaxStaleness(_:) { }` the scope's limit replaces `maximumLag`.
     /// Like ``primaryHook()``, it waits for the first probe round right after start-up, and a
@@ -123,6 +125,12 @@ extension PostgresTopology {
                 }
             }
             let waited = clock.now - started
+            if fit.isEmpty, fallbackToPrimary, snapshot.primary == nil, configuration.primaryWaitTimeout > .zero {
+                // The read must go to the primary and none is known (a failover): wait as a write does.
+                _ = await waitForPrimary(timeout: configuration.primaryWaitTimeout)
+                snapshot = self.snapshot
+                fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: lagLimit, position: position)
+            }
             var hosts = order(fit, by: policy).map(\.endpoint.description)
             var detail = position.map { "replica at or past \($0)" } ?? "replica"
             if hosts.isEmpty {
@@ -137,7 +145,9 @@ extension PostgresTopology {
             guard let host = hosts.first else {
                 let error = DBError(
                     .noHostAvailable,
-                    "no replica is fit (\(describe(snapshot))) and fallbackToPrimary is off",
+                    fallbackToPrimary
+                        ? "no replica is fit and no primary is known (\(describe(snapshot)))"
+                        : "no replica is fit (\(describe(snapshot))) and fallbackToPrimary is off",
                     connect: connect.label
                 )
                 logger.warning("no host for a session", metadata: ["db.connect": "\(connect.label)", "error.message": "\(error.message)"])

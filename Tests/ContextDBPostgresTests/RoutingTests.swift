@@ -267,6 +267,9 @@ struct FailoverTests {
             configuration.primaryWaitTimeout = .seconds(20)
             let topology = running(try PostgresTopology(url: cluster.url, configuration: configuration))
             let primary = try running(DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook()))
+            let replica = try running(DBConnect(
+                label: "replica", url: cluster.url, options: DBSessionOptions(readOnly: true), chooseHost: topology.replicaHook()
+            ))
             try await withDBContext { try await primary.session().execute("CREATE TABLE waited (id int)") }
             try await eventually("the replica has the table") { topology.snapshot.replicas.first?.lagBytes == 0 }
 
@@ -275,11 +278,27 @@ struct FailoverTests {
             async let written = withDBContext {
                 let session = try await primary.session()  // waits here for a primary
                 try await session.execute("INSERT INTO waited VALUES (1)")
-                return session.host
+                return (session.host, ContinuousClock.now)
             }
-            try await Task.sleep(for: .milliseconds(300))  // the write is waiting, not failed
+            // A read no replica can serve (the replica's WAL receiver lost its primary) must go
+            // to the primary: it waits too.
+            try await eventually("the replica's WAL receiver lost its primary") {
+                topology.snapshot.hosts.first { $0.endpoint.port == cluster.replicaPorts[0] }?
+                    .unfitReason(maximumLagBytes: nil, maximumLag: nil) != nil
+            }
+            async let read = withDBContext {
+                let host = try await replica.session().host
+                return (host, ContinuousClock.now)
+            }
+            try await Task.sleep(for: .milliseconds(300))  // both are waiting, not failed
+            let promoting = ContinuousClock.now
             try await cluster.run("promote", "1")
-            #expect(try await written == cluster.endpoint(cluster.replicaPorts[0]), "written on the promoted replica")
+            let (writtenHost, routedWrite) = try await written
+            #expect(writtenHost == cluster.endpoint(cluster.replicaPorts[0]), "written on the promoted replica")
+            #expect(routedWrite > promoting, "the write waited for the promotion")
+            let (readHost, routedRead) = try await read
+            #expect(readHost == cluster.endpoint(cluster.replicaPorts[0]), "read on the new primary")
+            #expect(routedRead > promoting, "the read waited for the promotion")
 
             // No primary and none coming: the wait ends with noHostAvailable (a 503).
             try await cluster.run("stop-replica", "1")
@@ -293,7 +312,7 @@ struct FailoverTests {
                 try await withDBContext { try await late.session().execute("INSERT INTO waited VALUES (2)") }
             }
             #expect(error?.message.contains("primaryWaitTimeout") == true, "\(String(describing: error))")
-            for connect in [primary, late] { await connect.close() }
+            for connect in [primary, replica, late] { await connect.close() }
         }
     }
 
