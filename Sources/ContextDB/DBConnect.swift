@@ -343,6 +343,17 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         )
     }
 
+    /// The hosts a session whose every candidate refused its first lease tries next: the host
+    /// hook asked again — by then it may know, or wait for, a new primary (a failover) — or
+    /// `nil` without a hook.
+    nonisolated(nonsending) func rerouted(consistencyToken: String?) async throws -> [String]? {
+        guard let chooseHost else { return nil }
+        let choice = try await chooseHost(DBHostRequest(connect: self, consistencyToken: consistencyToken))
+        let hosts = try candidates(of: choice)
+        if choice.retiresOtherHosts { retireEngines(keeping: hosts[0]) }
+        return hosts
+    }
+
     /// The hosts a session tries, canonical and without repeats: the chosen one first.
     private func candidates(of choice: DBHostChoice) throws -> [String] {
         guard !choice.host.isEmpty, !choice.fallbacks.contains(where: \.isEmpty) else {

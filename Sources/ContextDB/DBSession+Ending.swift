@@ -147,7 +147,7 @@ extension DBSession {
     ///   savepoint session, or one with no host left.
     package nonisolated(nonsending) func moveToNextHost(after error: DBError, hostIsSuspect: Bool) async -> Bool {
         guard mode.ownsConnection, connect.options.readOnly else { return false }
-        let current = state.withLock { $0.host }
+        let (current, candidates) = state.withLock { ($0.host, $0.candidates) }
         guard let index = candidates.firstIndex(of: current), index + 1 < candidates.count else { return false }
         try? await rollback()  // a lost transaction is forgotten; a live one (aborted) rolled back
         let lease = state.withLock { state -> DBLease<Engine>? in

@@ -210,7 +210,29 @@ extension DBSession {
     /// already closed (``DBError/Code/connectionLost`` at `BEGIN`) is replaced once on the same
     /// host: nothing ran on it.
     nonisolated(nonsending) func acquire() async throws -> DBLease<Engine> {
-        let (current, everLeased) = state.withLock { ($0.host, $0.everLeased) }
+        let everLeased = state.withLock { $0.everLeased }
+        do {
+            return try await acquireOnCandidates()
+        } catch let error as DBError where !everLeased && mode.ownsConnection && error.code == .connectionFailed {
+            // Every host the hook chose refused the session's first lease. Ask the hook again,
+            // once: after a failover it knows (or waits for) the new primary. Before the session
+            // ever had a connection nothing of it reached a server, so this is safe.
+            let tried = state.withLock { $0.candidates }
+            // No other hosts (a pool that was only busy, say; or the hook gave up): the first
+            // error stands, it says what happened.
+            guard let hosts = try? await connect.rerouted(consistencyToken: consistency?.token), hosts != tried else { throw error }
+            state.withLock { state in
+                state.candidates = hosts
+                state.host = hosts[0]
+            }
+            return try await acquireOnCandidates()
+        }
+    }
+
+    /// Leases on the current host, then (before the session ever had a connection) on each
+    /// candidate after it, counting a failover for each move.
+    nonisolated(nonsending) private func acquireOnCandidates() async throws -> DBLease<Engine> {
+        let (current, everLeased, candidates) = state.withLock { ($0.host, $0.everLeased, $0.candidates) }
         let hosts = everLeased ? [current] : Array(candidates.drop { $0 != current })
         var failures: [(host: String, error: any Error)] = []
         for host in hosts {

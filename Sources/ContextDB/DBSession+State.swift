@@ -38,6 +38,9 @@ enum DBSessionPhase: Sendable {
 /// The mutable state of a ``DBSession``.
 struct DBSessionState: Sendable {
     var host: String
+    /// The hosts the session may try, the chosen one first: the host hook's choice and its
+    /// fallbacks, or its second choice after all of those refused the session's first lease.
+    var candidates: [String]
     /// Whether a lease ever succeeded: failover to another host only happens before that.
     var everLeased = false
     var phase = DBSessionPhase.idle

@@ -36,7 +36,8 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// The connect that made this session.
     public let connect: DBConnect<Engine>
     /// The hosts to try, in order, for the first lease; the first is the chosen one.
-    let candidates: [String]
+    /// The hosts the session may try, the chosen one first (see ``DBSessionState/candidates``).
+    var candidates: [String] { state.withLock { $0.candidates } }
     /// Told about each host whose lease failed, so routing can mark it suspect.
     let onLeaseFailure: (@Sendable (String, DBError) -> Void)?
     /// Pooled, or a savepoint session on a connection a transactional test lends.
@@ -66,10 +67,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         self.connect = connect
         self.consistency = consistency
         self.routing = routing
-        self.candidates = candidates
         self.onLeaseFailure = onLeaseFailure
         self.mode = .pooled
-        self.state = Mutex(State(host: candidates[0]))
+        self.state = Mutex(State(host: candidates[0], candidates: candidates))
     }
 
     /// A savepoint session on `shared`'s connection (see ``withSavepointSessions(for:isolation:_:)``).
@@ -80,10 +80,9 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
         self.connect = connect
         self.consistency = consistency
         self.routing = nil
-        self.candidates = [shared.host]
         self.onLeaseFailure = nil
         self.mode = .savepoint(shared, lease: lease)
-        self.state = Mutex(State(host: shared.host, everLeased: true, phase: .connected(lease)))
+        self.state = Mutex(State(host: shared.host, candidates: [shared.host], everLeased: true, phase: .connected(lease)))
     }
 
     /// The host this session is bound to (see ``AnyDBSession/host``).

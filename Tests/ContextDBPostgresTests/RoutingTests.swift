@@ -316,6 +316,37 @@ struct FailoverTests {
         }
     }
 
+    /// The primary stops and, before any probe notices, a write's lease is refused there: the
+    /// session asks the hook again, which waits for the promotion — the write lands on the new
+    /// primary instead of failing.
+    @Test func aWriteRefusedByTheOldPrimaryWaitsForTheNewOne() async throws {
+        try await ScratchCluster.with(primaryPort: 27532, replicas: 1) { cluster in
+            var configuration = PostgresTopology.Configuration()
+            configuration.probeInterval = .seconds(2)  // probes notice the stop seconds later
+            configuration.probeTimeout = .seconds(1)
+            configuration.primaryWaitTimeout = .seconds(20)
+            let topology = running(try PostgresTopology(url: cluster.url, configuration: configuration))
+            await topology.refresh()
+            let primary = try running(DBConnect(label: "primary", url: cluster.url, chooseHost: topology.primaryHook()))
+            try await withDBContext { try await primary.session().execute("CREATE TABLE rerouted (id int)") }
+
+            try await cluster.run("stop-primary")
+            #expect(topology.snapshot.primary?.endpoint.port == cluster.primaryPort, "no probe noticed the stop yet")
+            async let written = withDBContext {
+                let session = try await primary.session()  // the old primary, still believed healthy
+                try await session.execute("INSERT INTO rerouted VALUES (1)")
+                return (session.host, ContinuousClock.now)
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            let promoting = ContinuousClock.now
+            try await cluster.run("promote", "1")
+            let (host, routed) = try await written
+            #expect(host == cluster.endpoint(cluster.replicaPorts[0]), "written on the promoted replica")
+            #expect(routed > promoting, "the write waited for the promotion")
+            await primary.close()
+        }
+    }
+
     @Test func writesFollowAPromotionWithoutARestart() async throws {
         try await ScratchCluster.with(primaryPort: 27442, replicas: 1) { cluster in
             try await withTopology(url: cluster.url) { topology in
