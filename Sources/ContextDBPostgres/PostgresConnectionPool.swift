@@ -343,7 +343,7 @@ final class PostgresConnectionPool: Sendable {
             return DBError(
                 .connectionFailed,
                 "no connection became free within \(leaseTimeout); the pool may be too small for the load, or sessions are held too long",
-                host: host
+                host: host, underlying: PoolExhausted()
             )
         case .shutdown:
             return DBError(
@@ -386,4 +386,10 @@ final class PostgresPoolMetrics: Sendable {
         if let used { self.used.record(used) }
         if let pending { self.pending.record(pending) }
     }
+}
+
+/// The cause of a lease timeout on a pool that was only busy — no connect failed meanwhile: the
+/// host is up, so routing does not mark it suspect.
+struct PoolExhausted: Error, CustomStringConvertible {
+    var description: String { "every connection of the pool stayed in use" }
 }

@@ -201,11 +201,14 @@ extension PostgresTopology {
         }
     }
 
-    /// What a session does when its lease on one of `hosts` fails: marks the host suspect and,
+    /// What a session does when its lease on one of `hosts` fails: marks the host suspect (not
+    /// when the pool was only busy: every connection in use until the lease timeout) and,
     /// when another host follows it in `hosts` (the session moves on), counts a `failover`
     /// decision for the connect with the role of the host that takes over.
     private func failedOver(_ connect: String, hosts: [String]) -> @Sendable (String, DBError) -> Void {
         { [self] host, error in
+            // A busy pool says nothing about the host: only a failed connect marks it suspect.
+            guard !(error.underlying is PoolExhausted) else { return }
             markSuspect(host, reason: error.message)
             guard let index = hosts.firstIndex(of: host), index + 1 < hosts.count else { return }
             let next = hosts[index + 1]

@@ -75,6 +75,30 @@ struct RoutingTests {
         try await eventually("the topology probes") { live.isLive }
     }
 
+    /// A lease that times out on a pool whose connections are all in use says nothing about the
+    /// host: the primary stays in routing, and the error says the pool is too small.
+    @Test func aBusyPoolDoesNotTakeThePrimaryOutOfRouting() async throws {
+        var configuration = PostgresTopology.Configuration()
+        configuration.probeInterval = .seconds(60)  // no probe would put a suspect primary back in time
+        let topology = running(try PostgresTopology(url: Self.clusterURL, configuration: configuration))
+        await topology.refresh()
+        do {
+            let primary = try running(DBConnect(
+                label: "primary", url: Self.clusterURL, maximumConnections: 1, leaseTimeout: .seconds(2),
+                chooseHost: topology.primaryHook()
+            ))
+            try await withDBContext {
+                _ = try await primary.session().queryValue("SELECT 1", as: Int.self)  // holds the pool's one connection
+                let error = await expectDBError(.connectionFailed) {
+                    try await withDBContext(ifActive: .newContext) { _ = try await primary.session().queryValue("SELECT 1", as: Int.self) }
+                }
+                #expect(error?.message.contains("the pool may be too small") == true, "\(String(describing: error))")
+            }
+            #expect(topology.snapshot.primary?.endpoint.description == TestCluster.primaryEndpoint, "still the primary")
+            await primary.close()
+        }
+    }
+
     @Test func theTopologySeesOnePrimaryAndItsReplicas() async throws {
         try await withTopology(url: Self.clusterURL) { topology in
             let snapshot = topology.snapshot
