@@ -52,7 +52,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
 
     /// Whether new transactions must not write: this connect's switch or the process's.
     var writesPrevented: Bool {
-        preventsWrites || (DBWritePrevention.everywhereInThisTask ?? Self.writesPreventedEverywhere)
+        preventsWrites || (DBWritePrevention.everywhere ?? Self.writesPreventedEverywhere)
     }
 
     private let writePrevention = Atomic<Bool>(false)
@@ -451,7 +451,21 @@ private let writesPreventedEverywhereFlag = Atomic<Bool>(false)
 
 /// The process-wide write switch as one task sees it.
 package enum DBWritePrevention {
-    /// Overrides ``DBConnect/writesPreventedEverywhere`` in a task and its children: the core's
-    /// tests check the switch without flipping it under the tests that run beside them.
-    @TaskLocal package static var everywhereInThisTask: Bool?
+    /// Runs `body` with ``DBConnect/writesPreventedEverywhere`` overridden to `value` in this
+    /// task and its children: the core's tests check the switch without flipping it under the
+    /// tests that run beside them.
+    package static func withEverywhere<R>(_ value: Bool, _ body: () async throws -> R) async rethrows -> R {
+        overrides.add(1, ordering: .relaxed)
+        defer { overrides.subtract(1, ordering: .relaxed) }
+        return try await $everywhereInThisTask.withValue(value, operation: body)
+    }
+
+    /// The override of the current task, if any. Without one in the process, one atomic load:
+    /// no task-local lookup on every `BEGIN`.
+    static var everywhere: Bool? {
+        overrides.load(ordering: .relaxed) == 0 ? nil : everywhereInThisTask
+    }
+
+    @TaskLocal private static var everywhereInThisTask: Bool?
+    private static let overrides = Atomic<Int>(0)
 }

@@ -36,8 +36,6 @@ public final class DBSession<Engine: DatabaseEngine>: AnyDBSession {
     /// The connect that made this session.
     public let connect: DBConnect<Engine>
     /// The hosts to try, in order, for the first lease; the first is the chosen one.
-    /// The hosts the session may try, the chosen one first (see ``DBSessionState/candidates``).
-    var candidates: [String] { state.withLock { $0.candidates } }
     /// Told about each host whose lease failed, so routing can mark it suspect.
     let onLeaseFailure: (@Sendable (String, DBError) -> Void)?
     /// Pooled, or a savepoint session on a connection a transactional test lends.

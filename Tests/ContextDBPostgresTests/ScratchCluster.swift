@@ -99,7 +99,7 @@ struct ScratchCluster {
     }
 }
 
-/// Runs `body` with a topology of `url`, probed every 100 ms in the background.
+/// Runs `body` with a topology of `url`, probed every 100 ms in the background (5 s probe timeout).
 func withTopology<R>(
     url: String,
     instrumentation: DBInstrumentation = DBInstrumentation(),
@@ -108,7 +108,9 @@ func withTopology<R>(
 ) async throws -> R {
     var configuration = PostgresTopology.Configuration()
     configuration.probeInterval = .milliseconds(100)
-    configuration.probeTimeout = .seconds(1)
+    // Generous: at the start of a test run dozens of tests log in at once (scram-sha-256 in a
+    // debug build), and a probe that times out marks its host down at once.
+    configuration.probeTimeout = .seconds(5)
     let topology = running(try PostgresTopology(
         url: url, configuration: configuration, logger: logger, instrumentation: instrumentation
     ))
