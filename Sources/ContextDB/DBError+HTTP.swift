@@ -14,7 +14,7 @@ extension DBError {
     ///
     /// | Error | Status |
     /// |---|---|
-    /// | no fit host (``Code/noHostAvailable``), a host that cannot be reached or a pool that has no free connection in time (``Code/connectionFailed``), an engine not running (``Code/notRunning``), writes prevented (``Code/writesPrevented``), a lost connection (``Code/connectionLost``) | 503, `Retry-After: 1` — when the request had committed nothing, so the client may retry it as a whole |
+    /// | no fit host (``Code/noHostAvailable``), a host that cannot be reached or a pool that has no free connection in time (``Code/connectionFailed``), an engine not running (``Code/notRunning``), writes prevented (``Code/writesPrevented``), a lost connection (``Code/connectionLost``, or ``Code/commitFailed`` because the connection was lost before `COMMIT`) | 503, `Retry-After: 1` — when the request had committed nothing, so the client may retry it as a whole |
     /// | the same after the request committed work | 500: a retry could write twice |
     /// | a write in a session of a read-only connect (``Code/readOnlySession``) | 409 |
     /// | anything else: a failed statement or commit, a statement timeout, an engine that could not be created (a configuration error) | 500 |
@@ -28,7 +28,7 @@ extension DBError {
         var answer: DBHTTPAnswer
         switch code {
         case .noHostAvailable where retryable, .connectionFailed where retryable, .notRunning where retryable,
-             .connectionLost where retryable:
+             .connectionLost where retryable, .commitFailed where retryable && lostBeforeCommit:
             answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: "the database cannot serve this request now; retry later")
         case .writesPrevented where retryable:
             answer = DBHTTPAnswer(status: 503, retryAfter: 1, message: "writes are paused for maintenance; retry later")
@@ -40,4 +40,8 @@ extension DBError {
         if exposingDetails { answer.message += " (\(description))" }
         return answer
     }
+
+    /// A ``Code/commitFailed`` because the transaction's connection was lost before `COMMIT` was
+    /// sent: the server rolled it back, so the request may be retried as a whole.
+    private var lostBeforeCommit: Bool { (underlying as? DBError)?.code == .connectionLost }
 }

@@ -49,7 +49,7 @@ extension DBSession {
                 throw DBError(
                     .commitFailed,
                     "the connection was lost before the transaction could end (\(error.message)); the server rolled it back, nothing of it was saved",
-                    connect: connect.label, host: host, underlying: error
+                    connect: connect.label, host: host, underlying: lostError(error)
                 )
             } catch {
                 // A failed COMMIT ends the transaction on the server; make sure with a ROLLBACK.

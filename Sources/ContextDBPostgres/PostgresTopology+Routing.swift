@@ -21,7 +21,8 @@ extension PostgresTopology {
     /// sessions have given their connections back (`DBHostChoice.retiresOtherHosts`). Right after start-up, before every host has
     /// had its first probe, it waits for that round (at most ``Configuration/probeTimeout``).
     /// While no primary is known (a failover under way), it waits up to
-    /// ``Configuration/primaryWaitTimeout`` for one — woken by the probe that finds it.
+    /// ``Configuration/primaryWaitTimeout`` for one — woken by the probe that finds it; a
+    /// session whose task is cancelled meanwhile stops waiting and throws `CancellationError`.
     /// A session it cannot route fails with `DBError.Code.noHostAvailable`, logged
     /// at warning level.
     /// - Returns: The hook, for `DBConnect(chooseHost:)`.
@@ -37,6 +38,7 @@ extension PostgresTopology {
                 case .found: break
                 case .timedOut: waited = " after waiting \(started.duration(to: .now)) for one (primaryWaitTimeout)"
                 case .tooManyWaiting: waited = ", and \(configuration.maximumPrimaryWaiters) sessions wait for one already (maximumPrimaryWaiters)"
+                case .cancelled: throw CancellationError()  // the request went away: nothing to route
                 }
                 snapshot = self.snapshot
             }
@@ -127,7 +129,7 @@ extension PostgresTopology {
             let waited = clock.now - started
             if fit.isEmpty, fallbackToPrimary, snapshot.primary == nil, configuration.primaryWaitTimeout > .zero {
                 // The read must go to the primary and none is known (a failover): wait as a write does.
-                _ = await waitForPrimary(timeout: configuration.primaryWaitTimeout)
+                if await waitForPrimary(timeout: configuration.primaryWaitTimeout) == .cancelled { throw CancellationError() }
                 snapshot = self.snapshot
                 fit = fitReplicas(snapshot, maximumLagBytes: maximumLagBytes, maximumLag: lagLimit, position: position)
             }

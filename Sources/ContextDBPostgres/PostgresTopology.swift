@@ -509,12 +509,18 @@ public final class PostgresTopology: Service, Sendable {
             },
             unregister: { id in self.primaryWaiters.withLock { $0.removeValue(forKey: id) } }
         )
-        return snapshot.primary != nil ? .found : .timedOut
+        if snapshot.primary != nil { return .found }
+        return Task.isCancelled ? .cancelled : .timedOut
     }
+
+    /// How many sessions wait for a primary now (see ``Configuration/primaryWaitTimeout``): 0
+    /// whenever one is known. A session leaves the count when a primary is found, when its wait
+    /// times out, or when its task is cancelled.
+    public var sessionsWaitingForPrimary: Int { primaryWaiters.withLock { $0.count } }
 
     /// How a wait for a primary ended.
     enum PrimaryWait {
-        case found, timedOut, tooManyWaiting
+        case found, timedOut, tooManyWaiting, cancelled
     }
 
     /// Wakes every session waiting for a primary, once one is known.

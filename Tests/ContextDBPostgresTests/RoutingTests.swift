@@ -314,7 +314,17 @@ struct FailoverTests {
                 let host = try await replica.session().host
                 return (host, ContinuousClock.now)
             }
-            try await Task.sleep(for: .milliseconds(300))  // both are waiting, not failed
+            try await eventually("both wait") { topology.sessionsWaitingForPrimary == 2 }
+            // A waiting session whose task is cancelled (its client went away) stops waiting at
+            // once, with a CancellationError rather than a timeout, and writes nothing.
+            let abandoned = Task {
+                try await withDBContext { try await primary.session().execute("INSERT INTO waited VALUES (3)") }
+            }
+            try await eventually("three wait") { topology.sessionsWaitingForPrimary == 3 }
+            abandoned.cancel()
+            let abandonedOutcome = await abandoned.result
+            #expect(throws: CancellationError.self) { try abandonedOutcome.get() }
+            #expect(topology.sessionsWaitingForPrimary == 2, "the cancelled session left the wait")
             let promoting = ContinuousClock.now
             try await cluster.run("promote", "1")
             let (writtenHost, routedWrite) = try await written
@@ -323,6 +333,11 @@ struct FailoverTests {
             let (readHost, routedRead) = try await read
             #expect(readHost == cluster.endpoint(cluster.replicaPorts[0]), "read on the new primary")
             #expect(routedRead > promoting, "the read waited for the promotion")
+            #expect(topology.sessionsWaitingForPrimary == 0)
+            let rows = try await withDBContext {
+                try await primary.session().query("SELECT id FROM waited").map { try $0.decode(Int.self) }
+            }
+            #expect(rows == [1], "the cancelled write wrote nothing")
 
             // No primary and none coming: the wait ends with noHostAvailable (a 503).
             try await cluster.run("stop-replica", "1")

@@ -48,6 +48,16 @@ import TestSupport
         }
         #expect(untouched?.requestCommittedWork == false)
         #expect(untouched?.httpAnswer().status == 503)
+        // Lost between the last statement and COMMIT: the server rolled it back; a 503 too.
+        let beforeCommit = await expectDBError(.commitFailed) {
+            _ = try await withDBRequest(statusCode: { (_: Int) in 200 }) {
+                try await connect.session().execute("INSERT")
+                database.terminateLeasedConnections()
+                return 200
+            }
+        }
+        #expect(beforeCommit?.httpAnswer().status == 503, "\(String(describing: beforeCommit))")
+        #expect(beforeCommit?.httpAnswer().retryAfter == 1)
         // An early commit, then the loss: a retry of the request would write twice.
         let committed = await expectDBError(.connectionLost) {
             _ = try await withDBRequest(statusCode: { (_: Int) in 200 }) {
