@@ -211,12 +211,22 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         }
     }
 
-    /// Takes the engines of every host but `host` out and drains them (see
-    /// ``DBHostChoice/retiresOtherHosts``).
-    private func retireEngines(keeping host: String) {
+    /// Takes out and drains the engines the choice retires: every host's but the chosen one
+    /// (``DBHostChoice/retiresOtherHosts``), or those of hosts that left the cluster
+    /// (``DBHostChoice/retiredHosts``).
+    private func retireEngines(of choice: DBHostChoice, chosen host: String) {
+        if choice.retiresOtherHosts {
+            retireEngines { $0 != host }
+        } else if !choice.retiredHosts.isEmpty {
+            let retired = Set(choice.retiredHosts.compactMap { try? canonical($0) })
+            retireEngines { $0 != host && retired.contains($0) }
+        }
+    }
+
+    private func retireEngines(where isRetired: (String) -> Bool) {
         let retired = state.withLock { state -> [Engine] in
             var retired: [Engine] = []
-            for (other, slot) in state.engines where other != host {
+            for (other, slot) in state.engines where isRetired(other) {
                 guard case .ready(let engine) = slot else { continue }
                 state.engines[other] = nil
                 retired.append(engine)
@@ -336,7 +346,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
             )
         }
         let hosts = try candidates(of: choice)
-        if choice.retiresOtherHosts { retireEngines(keeping: hosts[0]) }
+        retireEngines(of: choice, chosen: hosts[0])
         return DBSession(
             connect: self, candidates: hosts, onLeaseFailure: choice.onLeaseFailure, consistency: context?.consistency,
             routing: choice.role == nil && choice.reason == nil ? nil : DBRoutingNote(role: choice.role, reason: choice.reason)
@@ -350,7 +360,7 @@ public final class DBConnect<Engine: DatabaseEngine>: Sendable {
         guard let chooseHost else { return nil }
         let choice = try await chooseHost(DBHostRequest(connect: self, consistencyToken: consistencyToken))
         let hosts = try candidates(of: choice)
-        if choice.retiresOtherHosts { retireEngines(keeping: hosts[0]) }
+        retireEngines(of: choice, chosen: hosts[0])
         return hosts
     }
 

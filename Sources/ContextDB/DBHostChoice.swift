@@ -42,6 +42,9 @@ public struct DBHostChoice: Sendable {
     /// engines of its other hosts out and drains them — each shuts down once its sessions have
     /// given their connections back. Default `false`.
     public var retiresOtherHosts: Bool
+    /// Hosts that left the cluster: the connect takes its engines for them out and drains them
+    /// (each shuts down once its sessions have given their connections back). Default none.
+    public var retiredHosts: [String]
     /// The role of `host` as the hook saw it (`primary`, `replica`), for traces: each of the
     /// session's transaction spans gets a `contextdb.routing` event with it. Default `nil`.
     public var role: String?
@@ -54,6 +57,7 @@ public struct DBHostChoice: Sendable {
     ///   - host: The host, such as `"db1:5432"`; must not be empty.
     ///   - fallbacks: Hosts to try next, in order. Default none.
     ///   - retiresOtherHosts: Drain the engines of every other host. Default `false`.
+    ///   - retiredHosts: Hosts that left the cluster, whose engines to drain. Default none.
     ///   - role: The host's role, for traces. Default `nil`.
     ///   - reason: Why the hook chose it, for traces. Default `nil`.
     ///   - onLeaseFailure: Told about each host whose lease failed.
@@ -61,6 +65,7 @@ public struct DBHostChoice: Sendable {
         _ host: String,
         fallbacks: [String] = [],
         retiresOtherHosts: Bool = false,
+        retiredHosts: [String] = [],
         role: String? = nil,
         reason: String? = nil,
         onLeaseFailure: (@Sendable (_ host: String, _ error: DBError) -> Void)? = nil
@@ -68,6 +73,7 @@ public struct DBHostChoice: Sendable {
         self.host = host
         self.fallbacks = fallbacks
         self.retiresOtherHosts = retiresOtherHosts
+        self.retiredHosts = retiredHosts
         self.role = role
         self.reason = reason
         self.onLeaseFailure = onLeaseFailure

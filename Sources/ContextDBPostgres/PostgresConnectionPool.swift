@@ -40,6 +40,9 @@ final class PostgresConnectionPool: Sendable {
     private let state: Mutex<State>
     private let connection: Result<PostgresConnection.Configuration, DBError>
     private let host: String
+    /// Socket options for each connection, and where to connect with them; `nil`: PostgresNIO
+    /// opens the socket.
+    private let keepalive: (settings: PostgresKeepalive, endpoint: PostgresEndpoint)?
     private let logger: Logger
     private let resetQuery: PostgresQuery?
     private let resetBound: Duration
@@ -62,9 +65,11 @@ final class PostgresConnectionPool: Sendable {
     ///   - logger: Where the pool logs.
     ///   - prepare: Runs on each new connection before it serves a lease.
     ///   - metrics: Where the pool's gauges and timeouts go.
+    ///   - keepalive: TCP keepalive settings for each connection's socket, and its server.
     init(
         connection: Result<PostgresConnection.Configuration, DBError>,
         host: String,
+        keepalive: (settings: PostgresKeepalive, endpoint: PostgresEndpoint)? = nil,
         maximumConnections: Int,
         leaseTimeout: Duration,
         resetQuery: PostgresQuery?,
@@ -76,6 +81,7 @@ final class PostgresConnectionPool: Sendable {
         self.metrics = metrics
         self.connection = connection
         self.host = host
+        self.keepalive = keepalive
         self.logger = logger
         self.resetQuery = resetQuery
         self.resetBound = resetBound
@@ -273,7 +279,11 @@ final class PostgresConnectionPool: Sendable {
             return state.nextID
         }
         do {
-            let connection = try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
+            let connection = if let keepalive {
+                try await keepalive.settings.connect(to: keepalive.endpoint, configuration: configuration, id: id, logger: logger)
+            } else {
+                try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
+            }
             await prepare(connection)
             connection.closeFuture.whenComplete { [self] _ in
                 withMachine { $0.machine.closed(connection) }

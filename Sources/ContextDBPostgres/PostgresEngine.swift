@@ -167,7 +167,7 @@ public final class PostgresEngine: DatabaseEngine {
             )
         }
         self.init(
-            endpoint: endpoint, connection: .success(connection), maximumConnections: maximumConnections,
+            endpoint: endpoint, connection: .success(connection), keepalive: url.keepalive, maximumConnections: maximumConnections,
             leaseTimeout: leaseTimeout, statementTimeout: statementTimeout, resetsSessionState: resetsSessionState,
             statementCacheSize: statementCacheSize, capturesCommitLSN: capturesCommitLSN,
             instrumentation: instrumentation, poolName: poolName, logger: logger
@@ -177,6 +177,7 @@ public final class PostgresEngine: DatabaseEngine {
     private init(
         endpoint: PostgresEndpoint,
         connection: Result<PostgresConnection.Configuration, DBError>,
+        keepalive: PostgresKeepalive? = nil,
         maximumConnections: Int,
         leaseTimeout: Duration,
         statementTimeout: Duration?,
@@ -203,7 +204,8 @@ public final class PostgresEngine: DatabaseEngine {
         let backendPIDs = self.backendPIDs
         let host = endpoint.description
         self.pool = PostgresConnectionPool(
-            connection: connection, host: endpoint.description, maximumConnections: maximumConnections,
+            connection: connection, host: endpoint.description, keepalive: keepalive.map { ($0, endpoint) },
+            maximumConnections: maximumConnections,
             leaseTimeout: leaseTimeout, resetQuery: resetsSessionState ? Self.resetQuery : nil,
             resetBound: max(statementTimeout ?? PostgresConnectionPool.resetTimeout, PostgresConnectionPool.resetTimeout),
             logger: logger,
@@ -394,11 +396,27 @@ public final class PostgresEngine: DatabaseEngine {
         await shutdown()
     }
 
-    /// Waits until no session holds a connection of this engine, then shuts it down — for a
-    /// host that left the cluster or a demoted primary.
+    /// Waits until no session holds a connection of this engine — at most ``drainTimeout`` —
+    /// then shuts it down: for a host that left the cluster or a demoted primary.
     public func drainAndShutdown() async {
-        await pool.drain()
-        await shutdown()
+        await drainAndShutdown(within: Self.drainTimeout)
+    }
+
+    /// The longest ``drainAndShutdown()`` waits for sessions to give their connections back —
+    /// a demoted primary's engine, a vanished host's — before it closes those still held, which
+    /// rolls back their transactions: 30 seconds.
+    public static let drainTimeout = Duration.seconds(30)
+
+    /// Waits until sessions gave every connection back, at most `bound` (or until the task is
+    /// cancelled), then shuts down.
+    package func drainAndShutdown(within bound: Duration) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.pool.drain() }
+            group.addTask { try? await Task.sleep(for: bound) }
+            await group.next()
+            group.cancelAll()  // ends the sleep; the shutdown below ends a drain still waiting
+            await self.shutdown()
+        }
     }
 
     /// Closes every connection — those sessions still hold too (closing rolls back their

@@ -167,7 +167,8 @@ extension PostgresTopology {
             )
             metrics.decided(connect: connect.label, role: role, reason: decision)
             return DBHostChoice(
-                host, fallbacks: Array(hosts.dropFirst()), role: role, reason: decision, onLeaseFailure: failedOver(connect.label, hosts: hosts)
+                host, fallbacks: Array(hosts.dropFirst()), retiredHosts: departedEngines(of: connect, snapshot), role: role,
+                reason: decision, onLeaseFailure: failedOver(connect.label, hosts: hosts)
             )
         }
     }
@@ -235,7 +236,18 @@ extension PostgresTopology {
         }
         logRoutingDecision(connect: connect.label, host: primary, role: "primary", reason: "scope", detail: "withPrimaryReads")
         metrics.decided(connect: connect.label, role: "primary", reason: "scope")
-        return DBHostChoice(primary, role: "primary", reason: "scope", onLeaseFailure: failedOver(connect.label, hosts: [primary]))
+        return DBHostChoice(
+            primary, retiredHosts: departedEngines(of: connect, snapshot), role: "primary", reason: "scope",
+            onLeaseFailure: failedOver(connect.label, hosts: [primary])
+        )
+    }
+
+    /// The hosts that left the cluster for which `connect` still has an engine (one lock and
+    /// no copy while none left).
+    private func departedEngines(of connect: DBConnect<PostgresEngine>, _ snapshot: Snapshot) -> [String] {
+        guard !snapshot.departed.isEmpty else { return [] }
+        let engines = connect.engineHosts
+        return snapshot.departed.filter(engines.contains)
     }
 
     /// The debug line of one routing decision; its keys are listed in "Observing ContextDB".

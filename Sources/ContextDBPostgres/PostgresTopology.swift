@@ -122,8 +122,14 @@ public final class PostgresTopology: Service, Sendable {
 
     /// The state of every host at one moment.
     public struct Snapshot: Sendable {
-        /// Every configured host, in configuration order.
+        /// Every configured host, in configuration order (a changing ``DBHostSource``'s: in the
+        /// order of its last lookup).
         public var hosts: [HostStatus]
+        /// Hosts that left the cluster (`"host:port"`), whose engines the hooks tell connects to
+        /// drain; a host that comes back leaves it. At most ``departedLimit``, the oldest
+        /// forgotten first.
+        var departed: [String] = []
+        static let departedLimit = 256
 
         /// The healthy primary; with two (during a failover), the one with the fewest recent
         /// failures, then the furthest WAL position.
@@ -149,7 +155,23 @@ public final class PostgresTopology: Service, Sendable {
     private let warnedUnprivileged = Atomic<Bool>(false)
     /// Until every host has had its first probe: the hosts still unprobed, and the hooks
     /// waiting for them (by id). `nil` once the first round is complete.
-    private let firstRound: Mutex<(unprobed: Set<PostgresEndpoint>, waiters: [Int: CheckedContinuation<Void, Never>])?>
+    private let firstRound: Mutex<FirstRound?>
+
+    private struct FirstRound {
+        /// The hosts not probed yet.
+        var unprobed: Set<PostgresEndpoint>
+        /// Whether the hosts are known: always for a fixed source, after the first good lookup
+        /// for one that changes.
+        var resolved: Bool
+        var waiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    }
+
+    /// Where the hosts come from.
+    public let hostSource: DBHostSource
+    /// The running ``run()``'s feed of hosts to start probing; `nil` while it does not run.
+    private let probeLoopStarter = Mutex<AsyncStream<PostgresEndpoint>.Continuation?>(nil)
+    /// The hosts a probe loop of ``run()`` probes.
+    private let probeLoops = Mutex<Set<PostgresEndpoint>>([])
     private let nextWaiter = Atomic<Int>(0)
     /// Sessions waiting for a primary, resumed by the probe that finds one.
     private let primaryWaiters = Mutex<[Int: CheckedContinuation<Void, Never>]>([:])
@@ -161,6 +183,8 @@ public final class PostgresTopology: Service, Sendable {
     /// - Parameters:
     ///   - url: The cluster's URI (all hosts; the credentials are used for the probes).
     ///   - configuration: Probe interval, timeout and hysteresis.
+    ///   - hosts: Where the hosts come from: the URI's (the default), a DNS name looked up
+    ///     again every interval, or your own code (see ``DBHostSource``).
     ///   - logger: Where to log.
     ///   - instrumentation: Where the per-host gauges (`contextdb.host.health`,
     ///     `contextdb.replica.lag`) and the routing metrics go. Default: the process-wide backend.
@@ -168,34 +192,48 @@ public final class PostgresTopology: Service, Sendable {
     public convenience init(
         url: String,
         configuration: Configuration = Configuration(),
+        hosts: DBHostSource = .url,
         logger: Logger = Logger(label: "ContextDB.Topology"),
         instrumentation: DBInstrumentation = DBInstrumentation()
     ) throws {
-        self.init(url: try PostgresURL(url), configuration: configuration, logger: logger, instrumentation: instrumentation)
+        self.init(
+            url: try PostgresURL(url), configuration: configuration, hosts: hosts, logger: logger, instrumentation: instrumentation
+        )
     }
 
     /// Creates a topology for the hosts of a parsed URI.
     /// - Parameters:
     ///   - url: The cluster's parsed URI.
     ///   - configuration: Probe interval, timeout and hysteresis.
+    ///   - hosts: Where the hosts come from (see ``DBHostSource``). Default: the URI's.
     ///   - logger: Where to log.
     ///   - instrumentation: Where the topology's metrics go. Default: the process-wide backend.
     public init(
         url: PostgresURL,
         configuration: Configuration = Configuration(),
+        hosts: DBHostSource = .url,
         logger: Logger = Logger(label: "ContextDB.Topology"),
         instrumentation: DBInstrumentation = DBInstrumentation()
     ) {
+        var initial: [PostgresEndpoint] = []
+        var resolved = false
+        if case .fixed(let endpoints) = hosts.kind {
+            initial = endpoints ?? url.endpoints
+            resolved = true
+        }
         self.url = url
+        self.hostSource = hosts
         self.metrics = PostgresTopologyMetrics(
-            factory: instrumentation.metricsFactory ?? MetricsSystem.factory, endpoints: url.endpoints
+            factory: instrumentation.metricsFactory ?? MetricsSystem.factory, endpoints: initial
         )
         self.configuration = configuration
         self.logger = logger
-        self.firstRound = Mutex((unprobed: Set(url.endpoints), waiters: [:]))
-        self.state = Mutex(Snapshot(hosts: url.endpoints.map {
-            HostStatus(endpoint: $0, role: .unknown, isHealthy: false, consecutiveFailures: 0)
-        }))
+        self.firstRound = Mutex(FirstRound(unprobed: Set(initial), resolved: resolved))
+        self.state = Mutex(Snapshot(hosts: initial.map(Self.newHost)))
+    }
+
+    private static func newHost(_ endpoint: PostgresEndpoint) -> HostStatus {
+        HostStatus(endpoint: endpoint, role: .unknown, isHealthy: false, consecutiveFailures: 0)
     }
 
     /// The state of every host as of the last probe round. No I/O: a lock and a copy.
@@ -229,8 +267,11 @@ public final class PostgresTopology: Service, Sendable {
         maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
         fallbackToPrimary: Bool = true
     ) -> Readiness {
-        if let unprobed = firstRound.withLock({ $0?.unprobed }), !unprobed.isEmpty {
-            return Readiness(isReady: false, reason: "the first probe of \(unprobed.count) host(s) has not finished")
+        if let round = firstRound.withLock({ $0 }) {
+            if !round.resolved { return Readiness(isReady: false, reason: "the cluster's hosts have not been looked up yet") }
+            if !round.unprobed.isEmpty {
+                return Readiness(isReady: false, reason: "the first probe of \(round.unprobed.count) host(s) has not finished")
+            }
         }
         let snapshot = self.snapshot
         guard snapshot.primary != nil else {
@@ -244,11 +285,13 @@ public final class PostgresTopology: Service, Sendable {
         return Readiness(isReady: true, reason: nil)
     }
 
-    /// Probes every host now, concurrently, and updates the snapshot. When the topology is not
+    /// Probes every host now, concurrently, and updates the snapshot — with a changing
+    /// ``DBHostSource``, after looking the hosts up (``refreshHosts()``). When the topology is not
     /// running (``isLive`` is false), the round's connections are closed at its end: a topology
     /// only ever refreshed by hand leaves no connection open.
     public func refresh() async {
         refreshing.add(1, ordering: .relaxed)
+        if case .changing = hostSource.kind { await refreshHosts() }
         let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
         await withTaskGroup(of: (PostgresEndpoint, Result<Probe, any Error>).self) { group in
             for endpoint in endpoints {
@@ -279,24 +322,122 @@ public final class PostgresTopology: Service, Sendable {
     /// Probes each host every ``Configuration/probeInterval`` (more often while no primary is
     /// known: ``Configuration/failoverProbeInterval``), each on its own schedule, until
     /// the task is cancelled or a graceful shutdown begins; then closes its probe connections.
+    /// With a changing ``DBHostSource`` it also looks the hosts up every interval of the
+    /// source (every second at most while none is known): a host that appears gets a probe
+    /// schedule of its own, one that vanishes loses it.
     public func run() async throws {
-        let endpoints = state.withLock { $0.hosts.map(\.endpoint) }
         probing.add(1, ordering: .relaxed)
         defer { probing.subtract(1, ordering: .relaxed) }
+        let (starts, starter) = AsyncStream.makeStream(of: PostgresEndpoint.self)
+        probeLoopStarter.withLock { $0 = starter }
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
-                for endpoint in endpoints {
-                    group.addTask {
-                        var fast = self.configuration.failoverProbeInterval
-                        while !Task.isCancelled {
-                            self.apply([endpoint: await self.probe(endpoint)])
-                            try? await Task.sleep(for: self.nextProbeDelay(&fast))
-                        }
-                    }
+                if case .changing(let interval, _) = self.hostSource.kind {
+                    group.addTask { await self.lookUpHosts(every: interval) }
+                }
+                self.startProbeLoops(for: self.snapshot.hosts.map(\.endpoint))
+                for await endpoint in starts {  // ends when the task is cancelled
+                    group.addTask { await self.probeLoop(endpoint) }
                 }
             }
         }
+        probeLoopStarter.withLock { $0 = nil }
+        starter.finish()
         await closeProbeConnections()
+    }
+
+    /// Starts a probe schedule for each of `endpoints` that has none, when ``run()`` runs.
+    private func startProbeLoops(for endpoints: [PostgresEndpoint]) {
+        guard let starter = probeLoopStarter.withLock({ $0 }) else { return }
+        for endpoint in endpoints where probeLoops.withLock({ $0.insert(endpoint).inserted }) {
+            starter.yield(endpoint)
+        }
+    }
+
+    /// Probes `endpoint` on its schedule while it is one of the hosts and the task runs.
+    private func probeLoop(_ endpoint: PostgresEndpoint) async {
+        var fast = configuration.failoverProbeInterval
+        // Checked and given up under the loops' lock, so a host that comes back as its loop
+        // ends gets a new loop.
+        while probeLoops.withLock({ loops in
+            guard !Task.isCancelled, state.withLock({ $0.hosts.contains { $0.endpoint == endpoint } }) else {
+                loops.remove(endpoint)
+                return false
+            }
+            return true
+        }) {
+            apply([endpoint: await probe(endpoint)])
+            try? await Task.sleep(for: nextProbeDelay(&fast))
+        }
+    }
+
+    /// Looks the hosts up every `interval` — every second at most while none is known — until
+    /// the task is cancelled.
+    private func lookUpHosts(every interval: Duration) async {
+        while !Task.isCancelled {
+            await refreshHosts()
+            try? await Task.sleep(for: snapshot.hosts.isEmpty ? min(interval, .seconds(1)) : interval)
+        }
+    }
+
+    /// Looks the hosts up now, for a changing ``DBHostSource``, and applies the answer: hosts
+    /// that appear are added (unknown until probed, and probed on a schedule of their own while
+    /// ``run()`` runs); hosts that vanish are removed — no session is routed there any more,
+    /// and the hooks tell each connect to drain its engine for them. A lookup that fails or
+    /// finds no host changes nothing and is logged at warning level. Does nothing for a fixed
+    /// source.
+    public func refreshHosts() async {
+        guard case .changing(_, let lookUp) = hostSource.kind else { return }
+        let found: [PostgresEndpoint]
+        do {
+            found = try await lookUp(url)
+        } catch {
+            logger.warning("could not look up the cluster's hosts; keeping the previous ones", metadata: [
+                "error.message": "\((error as? DBError)?.message ?? String(describing: error))", "error.type": "\(type(of: error))",
+            ])
+            return
+        }
+        guard !found.isEmpty else {
+            logger.warning("the host source returned no host; keeping the previous ones")
+            return
+        }
+        // The probe connections of hosts that left, closed (awaited: PostgresNIO wants a
+        // connection closed before it is freed).
+        for connection in applyHosts(found) { try? await connection.close() }
+    }
+
+    /// Makes `found` the hosts, keeping what is known of those that stay.
+    /// - Returns: The probe connections of the hosts that left, to close.
+    private func applyHosts(_ found: [PostgresEndpoint]) -> [PostgresConnection] {
+        var unique: [PostgresEndpoint] = []
+        for endpoint in found where !unique.contains(endpoint) { unique.append(endpoint) }
+        let (added, removed) = state.withLock { snapshot -> ([PostgresEndpoint], [PostgresEndpoint]) in
+            let current = snapshot.hosts.map(\.endpoint)
+            let added = unique.filter { !current.contains($0) }
+            let removed = current.filter { !unique.contains($0) }
+            guard !added.isEmpty || !removed.isEmpty else { return ([], []) }
+            let known = Dictionary(uniqueKeysWithValues: snapshot.hosts.map { ($0.endpoint, $0) })
+            snapshot.hosts = unique.map { known[$0] ?? Self.newHost($0) }
+            let comeBack = Set(added.map(\.description))
+            snapshot.departed.removeAll { comeBack.contains($0) }
+            snapshot.departed += removed.map(\.description)
+            snapshot.departed.removeFirst(max(0, snapshot.departed.count - Snapshot.departedLimit))
+            return (added, removed)
+        }
+        firstRound.withLock { round in
+            guard round != nil, !round!.resolved else { return }
+            round!.resolved = true
+            round!.unprobed = Set(unique)
+        }
+        markProbed([])  // completes the first round when the lookup found nothing new to probe
+        guard !added.isEmpty || !removed.isEmpty else { return [] }
+        metrics.setHosts(adding: added, removing: removed)
+        logger.info("the cluster's hosts changed", metadata: [
+            "contextdb.hosts.added": "\(added.map(\.description).joined(separator: ","))",
+            "contextdb.hosts.removed": "\(removed.map(\.description).joined(separator: ","))",
+        ])
+        startProbeLoops(for: added)
+        return probeConnections.withLock { connections in removed.compactMap { connections.removeValue(forKey: $0) } }
     }
 
     /// The wait before a host's next probe: ``Configuration/probeInterval`` while a primary is
@@ -538,7 +679,7 @@ public final class PostgresTopology: Service, Sendable {
         let waiters = firstRound.withLock { round -> [CheckedContinuation<Void, Never>] in
             guard round != nil else { return [] }
             round!.unprobed.subtract(endpoints)
-            guard round!.unprobed.isEmpty else { return [] }
+            guard round!.resolved, round!.unprobed.isEmpty else { return [] }
             defer { round = nil }
             return Array(round!.waiters.values)
         }
@@ -618,20 +759,28 @@ public final class PostgresTopology: Service, Sendable {
 /// routing decisions and the read-your-own-writes wait.
 final class PostgresTopologyMetrics: Sendable {
     private let factory: any MetricsFactory
-    private let hosts: [PostgresEndpoint: (health: Gauge, lagBytes: Gauge, lagSeconds: Gauge)]
+    private let hosts: Mutex<[PostgresEndpoint: (health: Gauge, lagBytes: Gauge, lagSeconds: Gauge)]>
 
     init(factory: any MetricsFactory, endpoints: [PostgresEndpoint]) {
         self.factory = factory
-        var hosts: [PostgresEndpoint: (health: Gauge, lagBytes: Gauge, lagSeconds: Gauge)] = [:]
-        for endpoint in endpoints {
-            let dimensions = Self.dimensions(endpoint)
-            hosts[endpoint] = (
-                Gauge(label: DBMetricName.hostHealth, dimensions: dimensions, factory: factory),
-                Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "bytes")], factory: factory),
-                Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "seconds")], factory: factory)
-            )
+        self.hosts = Mutex([:])
+        setHosts(adding: endpoints, removing: [])
+    }
+
+    /// Makes the gauges of hosts that joined and destroys those of hosts that left.
+    func setHosts(adding added: [PostgresEndpoint], removing removed: [PostgresEndpoint]) {
+        let destroyed = hosts.withLock { hosts in
+            for endpoint in added where hosts[endpoint] == nil {
+                let dimensions = Self.dimensions(endpoint)
+                hosts[endpoint] = (
+                    Gauge(label: DBMetricName.hostHealth, dimensions: dimensions, factory: factory),
+                    Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "bytes")], factory: factory),
+                    Gauge(label: DBMetricName.replicaLag, dimensions: dimensions + [("unit", "seconds")], factory: factory)
+                )
+            }
+            return removed.compactMap { hosts.removeValue(forKey: $0) }
         }
-        self.hosts = hosts
+        for gauges in destroyed { [gauges.health, gauges.lagBytes, gauges.lagSeconds].forEach { $0.destroy() } }
     }
 
     static func dimensions(_ endpoint: PostgresEndpoint) -> [(String, String)] {
@@ -640,7 +789,7 @@ final class PostgresTopologyMetrics: Sendable {
 
     /// Publishes a host's health and, for a replica, its lag.
     func publish(_ host: PostgresTopology.HostStatus) {
-        guard let gauges = hosts[host.endpoint] else { return }
+        guard let gauges = hosts.withLock({ $0[host.endpoint] }) else { return }
         gauges.health.record(host.isHealthy ? 1 : 0)
         guard host.role == .replica else { return }
         if let bytes = host.lagBytes { gauges.lagBytes.record(Int64(clamping: bytes)) }

@@ -11,7 +11,9 @@ import PostgresNIO
 /// `verify-ca`, `verify-full`), `sslrootcert` (a PEM file of trusted CAs, or `system`),
 /// `sslcert` and `sslkey` (a client certificate and its key, PEM), `application_name`,
 /// `connect_timeout` (seconds), `options` (`-c name=value` settings sent at connect),
-/// `target_session_attrs` and `load_balance_hosts=random` (which `DBConnect(url:)` routes by).
+/// `target_session_attrs` and `load_balance_hosts=random` (which `DBConnect(url:)` routes by),
+/// `keepalives`, `keepalives_idle`, `keepalives_interval` and `keepalives_count` (see
+/// ``PostgresKeepalive``).
 /// Others are rejected, so a typo never goes unnoticed.
 ///
 /// The ``description`` masks the password.
@@ -53,6 +55,9 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     /// `load_balance_hosts=random`: spread sessions over the hosts in random order instead of
     /// trying them in the URI's order. Default `false` (`disable`).
     public var loadBalanceHosts: Bool
+    /// `keepalives`, `keepalives_idle`, `keepalives_interval` and `keepalives_count`: TCP
+    /// keepalive settings for every pooled connection's socket; `nil` when the URI gives none.
+    public var keepalive: PostgresKeepalive?
 
     /// Parses a URI.
     /// - Parameter string: A `postgresql://` or `postgres://` URI.
@@ -168,6 +173,23 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                 loadBalanceHosts = value == "random"
             case "application_name":
                 applicationName = value
+            case "keepalives":
+                guard let flag = Int(value) else { throw invalid("keepalives \"\(value)\" is not 1 (on) or 0 (off)") }
+                keepalive = keepalive ?? PostgresKeepalive()
+                keepalive!.isEnabled = flag != 0
+            case "keepalives_idle", "keepalives_interval":
+                guard let seconds = Int(value), seconds >= 0 else {
+                    throw invalid("\(key) \"\(value)\" is not a number of seconds (0 for the system's default)")
+                }
+                keepalive = keepalive ?? PostgresKeepalive()
+                let duration: Duration? = seconds == 0 ? nil : .seconds(seconds)
+                if key == "keepalives_idle" { keepalive!.idle = duration } else { keepalive!.interval = duration }
+            case "keepalives_count":
+                guard let count = Int(value), count >= 0 else {
+                    throw invalid("keepalives_count \"\(value)\" is not a number of probes (0 for the system's default)")
+                }
+                keepalive = keepalive ?? PostgresKeepalive()
+                keepalive!.count = count == 0 ? nil : count
             case "connect_timeout":
                 guard let seconds = Int(value), seconds > 0 else {
                     throw invalid("connect_timeout \"\(value)\" is not a positive number of seconds")
@@ -176,7 +198,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
             default:
                 throw invalid(
                     "the parameter \"\(key)\" is not supported (supported: sslmode, sslrootcert, sslcert, sslkey, application_name, "
-                        + "connect_timeout, options, target_session_attrs, load_balance_hosts)"
+                        + "connect_timeout, options, target_session_attrs, load_balance_hosts, keepalives, keepalives_idle, "
+                        + "keepalives_interval, keepalives_count)"
                 )
             }
         }

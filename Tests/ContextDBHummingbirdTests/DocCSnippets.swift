@@ -104,6 +104,20 @@ enum DocCSnippets {
         let services: [any Service] = [topology, primary, replica]   // run them beside the server
         return services
     }
+
+    static func patroniMembers() async throws -> [PostgresEndpoint] { [] }
+
+    /// PrimaryAndReplicas.md, "Hosts that come and go"
+    static func hostsThatComeAndGo(url: String) throws -> [PostgresTopology] {
+        let topology = try PostgresTopology(
+            url: "postgresql://app:secret@db-headless.app.svc:5432/app",
+            hosts: .dns(every: .seconds(10))    // one host per address of the name
+        )
+        let fromPatroni = try PostgresTopology(url: url, hosts: .custom(every: .seconds(5)) {
+            try await patroniMembers()          // your code: [PostgresEndpoint]
+        })
+        return [topology, fromPatroni]
+    }
 }
 
 /// TestingYourApp.md, compiled with what it names: `db`, `app`, `body`.

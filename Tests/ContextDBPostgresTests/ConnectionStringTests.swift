@@ -1,4 +1,5 @@
 import ContextDB
+import Foundation
 import ContextDBPostgres
 import PostgresNIO
 import Testing
@@ -92,7 +93,50 @@ struct ConnectionStringTests {
         #expect(error?.message.contains("routes by itself") == true)
     }
 
-    @Test(arguments: ["target_session_attrs=replica", "load_balance_hosts=round-robin"])
+    /// libpq's `keepalives*` are set on each pooled connection's socket: the kernel's
+    /// keepalive timer runs with the idle time asked for (read from `/proc/net/tcp`, whose timer
+    /// column counts clock ticks of 1/100 s), and none without them.
+    @Test func keepalivesAreSetOnEachConnectionsSocket() async throws {
+        #if os(Linux)
+        /// The keepalive timer of the socket a connect of `query` leases: `tr` and `tm->when`.
+        func keepaliveTimer(_ query: String) async throws -> (timer: Int, ticks: Int)? {
+            let connect = try running(DBConnect(label: "keepalive", url: TestCluster.url(query: "sslmode=disable&\(query)")))
+            func timer(port: Int) throws -> (timer: Int, ticks: Int)? {
+                let local = String(format: "%04X", port)
+                let remote = String(format: "%04X", TestCluster.port)
+                // sl local_address rem_address st tx_queue:rx_queue tr:tm->when ...
+                for line in try procFile("/proc/net/tcp").split(separator: "\n").dropFirst() {
+                    let fields = line.split(separator: " ")
+                    guard fields.count > 5, fields[1].hasSuffix(":" + local), fields[2].hasSuffix(":" + remote) else { continue }
+                    let timer = fields[5].split(separator: ":")
+                    return (Int(timer[0], radix: 16) ?? -1, Int(timer[1], radix: 16) ?? -1)
+                }
+                return nil
+            }
+            // Read while the session holds the connection, once what it sent was acknowledged
+            // (until then the retransmission timer, 1, runs).
+            let found = try await withDBContext {
+                let port = try #require(try await connect.session().queryValue("SELECT inet_client_port()", as: Int.self))
+                try await eventually("the connection is idle") { try timer(port: port)?.timer != 1 }
+                return try timer(port: port)
+            }
+            await connect.close()
+            return found
+        }
+        let on = try #require(try await keepaliveTimer("keepalives=1&keepalives_idle=600&keepalives_interval=7&keepalives_count=3"))
+        #expect(on.timer == 2, "the keepalive timer runs")
+        #expect((50_000...60_000).contains(on.ticks), "it fires after the 600 s asked for: \(on.ticks) ticks")
+        let off = try #require(try await keepaliveTimer("keepalives=0"))
+        #expect(off.timer == 0, "no keepalive timer with keepalives=0")
+        let plain = try #require(try await keepaliveTimer("application_name=plain"))
+        #expect(plain.timer == 0, "no keepalive timer without the parameters")
+        #endif
+        let parsed = try PostgresURL(Self.url("keepalives_idle=30&keepalives_count=0"))
+        #expect(parsed.keepalive == PostgresKeepalive(isEnabled: true, idle: .seconds(30), interval: nil, count: nil))
+    }
+
+    @Test(arguments: ["target_session_attrs=replica", "load_balance_hosts=round-robin", "keepalives=yes", "keepalives_idle=-1",
+                      "keepalives_interval=1.5", "keepalives_count=many"])
     func unknownValuesAreRefused(query: String) async throws {
         let error = await expectDBError(.invalidConfiguration) { _ = try PostgresURL(Self.url(query)) }
         #expect(error?.message.contains(String(query.split(separator: "=")[0])) == true)
@@ -153,3 +197,14 @@ struct SafeReadRetryTests {
         #expect(error?.host == TestCluster.replicaEndpoints[0])
     }
 }
+
+#if os(Linux)
+/// A `/proc` file read to its end: its size reads as 0, and one read returns a page at most.
+private func procFile(_ path: String) throws -> String {
+    let handle = try #require(FileHandle(forReadingAtPath: path))
+    defer { try? handle.close() }
+    var data = Data()
+    while let chunk = try handle.read(upToCount: 65_536), !chunk.isEmpty { data.append(chunk) }
+    return String(decoding: data, as: UTF8.self)
+}
+#endif

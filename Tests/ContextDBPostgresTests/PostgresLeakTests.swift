@@ -95,4 +95,22 @@ struct PostgresLeakTests {
             try await fixture.expectAllIdle()
         }
     }
+
+    /// Draining an engine (a demoted primary's, a host that left the cluster) waits for its
+    /// sessions only up to its bound; then the connections still held are closed — their
+    /// transactions roll back — and the session holding one learns it lost it.
+    @Test func aDrainEndsAtItsBoundAndClosesWhatSessionsStillHold() async throws {
+        try await Fixture.with { (fixture: Fixture) async throws in
+            try await withDBContext {
+                let session = try await fixture.primary.session()
+                try await session.execute("SELECT 1")  // holds a connection, in a transaction
+                let engine = try #require(fixture.primary.engines.values.first)
+                #expect(engine.leasedConnectionCount == 1)
+                await engine.drainAndShutdown(within: .milliseconds(200))  // returns: it does not wait for the session
+                #expect(engine.openConnectionCount == 0)
+                await expectDBError(.connectionLost) { try await session.execute("SELECT 1") }
+                try await session.rollback()  // forgets the lost transaction
+            }
+        }
+    }
 }

@@ -42,6 +42,14 @@ struct TLSAndAuthenticationTests {
             let verified = try running(DBConnect(label: "tls", url: url(host: "localhost", "sslmode=verify-full&sslrootcert=\(ca)")))
             #expect(try await Self.sessionUsesTLS(verified) == true)
             await verified.close()
+            // The same over a socket ContextDB opens itself (keepalives): the name is still checked.
+            let keptAlive = try running(DBConnect(
+                label: "tls", url: url(host: "localhost", "sslmode=verify-full&sslrootcert=\(ca)&keepalives_idle=60")
+            ))
+            #expect(try await Self.sessionUsesTLS(keptAlive) == true)
+            await keptAlive.close()
+            let wrongNameKeptAlive = try await Self.leaseError(url(host: "127.0.0.1", "sslmode=verify-full&sslrootcert=\(ca)&keepalives=1"))
+            #expect(wrongNameKeptAlive?.message.contains("does not name the host 127.0.0.1:\(cluster.primaryPort)") == true)
 
             // Another CA: refused, and the error says it is the certificate and how to fix it.
             let untrusted = try await Self.leaseError(url(host: "localhost", "sslmode=verify-full&sslrootcert=\(otherCA)"))
