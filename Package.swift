@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .library(name: "ContextDB", targets: ["ContextDB"]),
         .library(name: "ContextDBPostgres", targets: ["ContextDBPostgres"]),
+        .library(name: "ContextDBLibPQ", targets: ["ContextDBLibPQ"]),
         .library(name: "ContextDBHummingbird", targets: ["ContextDBHummingbird"]),
         .library(name: "ContextDBVapor", targets: ["ContextDBVapor"]),
         .library(name: "ContextDBTesting", targets: ["ContextDBTesting"]),
@@ -53,6 +54,21 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        // PostgreSQL's own client library, found with pkg-config (libpq-dev; Homebrew's libpq).
+        // Only ContextDBLibPQ links it: a user of ContextDBPostgres never needs libpq.
+        .systemLibrary(
+            name: "CLibPQ",
+            pkgConfig: "libpq",
+            providers: [.apt(["libpq-dev"]), .brew(["libpq"])]
+        ),
+        .target(
+            name: "ContextDBLibPQ",
+            dependencies: [
+                "ContextDB", "ContextDBPostgres", "CLibPQ",
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -152,6 +168,11 @@ let package = Package(
                 .product(name: "InMemoryTracing", package: "swift-distributed-tracing"),
                 .product(name: "Tracing", package: "swift-distributed-tracing"),
             ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ContextDBLibPQTests",
+            dependencies: ["ContextDBLibPQ", "ContextDBPostgres", "CLibPQ", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -25,6 +25,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# libpq's headers and pkg-config file, for ContextDBLibPQ (the CLibPQ system library).
+if ! { command -v pkg-config >/dev/null && pkg-config --exists libpq; }; then
+    [ "$(id -u)" = 0 ] || { echo "error: libpq-dev and pkg-config are missing; install them (apt-get install libpq-dev pkg-config)" >&2; exit 1; }
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libpq-dev pkg-config
+fi
+
 scripts/pg-cluster.sh start
 eval "$(scripts/pg-cluster.sh env)"
 

@@ -36,7 +36,9 @@ public protocol DatabaseEngine: Sendable {
     ///   ``DBError/Code/commitOutcomeUnknown`` when it was sent and its answer was lost. A
     ///   ``DBError`` with code ``DBError/Code/connectionLost`` when the server closed the
     ///   connection (the session then discards it, and retries a failed `BEGIN` on a new
-    ///   connection: nothing ran in it). Any other error for a statement that failed.
+    ///   connection: nothing ran in it) — for `COMMIT`, only when `COMMIT` was never sent: the
+    ///   session reports that the server rolled the transaction back (an HTTP 503, which a client
+    ///   may retry). Any other error for a statement that failed.
     func execute(_ statement: DBControlStatement, on connection: Connection) async throws -> DBControlResult
 
     /// The later of two read-your-own-writes positions of this engine (see
@@ -74,8 +76,9 @@ public protocol DatabaseEngine: Sendable {
     /// returns at once: an engine without background work needs no running.
     func run() async
 
-    /// Stops new leases, waits until every leased connection is given back, then shuts down —
-    /// for an engine its connect retired (a demoted primary). The default (in an extension)
+    /// Stops new leases, waits until every leased connection is given back — engines bound the
+    /// wait (`PostgresEngine.drainTimeout`, 30 s) — then shuts down: for an engine its connect
+    /// retired (a demoted primary, a host that left the cluster). The default (in an extension)
     /// calls ``shutdown()``.
     func drainAndShutdown() async
 }

@@ -1,5 +1,6 @@
 import ContextDB
 import Dispatch
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -10,8 +11,8 @@ import Darwin
 /// interval, or a closure of your own.
 ///
 /// With a source that changes, hosts that appear are probed and routed to once a probe has
-/// seen them; hosts that vanish are dropped from the snapshot at once (no new session goes
-/// there) and each connect drains its engine for them — at most
+/// seen them; a host missing from two lookups in a row is dropped from the snapshot (no new
+/// session goes there) and each connect drains its engine for it — at most
 /// ``PostgresEngine/drainTimeout`` — the next time it creates a session.
 ///
 /// ```swift
@@ -80,14 +81,25 @@ public struct DBHostSource: Sendable {
     }
 
     /// The system's resolver (`getaddrinfo`, as `/etc/hosts` and `/etc/resolv.conf` say), run on
-    /// a dispatch thread so no task of Swift's cooperative pool blocks on it. IPv4 addresses
-    /// first, each once.
-    /// - Throws: `DBError.Code.connectionFailed` naming the host when the lookup fails.
+    /// a dispatch thread so no task of Swift's cooperative pool blocks on it. It returns the
+    /// name's IPv4 addresses, or its IPv6 addresses when it has none: a server listening on both
+    /// families is one host, not two. A cancelled lookup returns at once (the thread finishes
+    /// the lookup and drops it).
+    /// - Throws: `DBError.Code.connectionFailed` naming the host when the lookup fails;
+    ///   `CancellationError` when the task is cancelled.
     public static let systemResolver: Resolver = { name in
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async {
-                continuation.resume(with: Result { try getAddresses(name) })
+        let continuation = Mutex<CheckedContinuation<[String], any Error>?>(nil)
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { resume in
+                continuation.withLock { $0 = resume }
+                if Task.isCancelled { continuation.withLock { $0.take() }?.resume(throwing: CancellationError()) }
+                DispatchQueue.global().async {
+                    let result = Result { try getAddresses(name) }
+                    continuation.withLock { $0.take() }?.resume(with: result)
+                }
             }
+        } onCancel: {
+            continuation.withLock { $0.take() }?.resume(throwing: CancellationError())
         }
     }
 
@@ -120,6 +132,6 @@ public struct DBHostSource: Sendable {
             }
             entry = current.pointee.ai_next
         }
-        return v4 + v6
+        return v4.isEmpty ? v6 : v4
     }
 }

@@ -139,8 +139,16 @@ extension DBSession where Engine == PostgresEngine {
             return error
         }
         guard let error = error as? PSQLError, error.code == .server else { return error }
-        let state = error.serverInfo?[.sqlState] ?? "?"
-        let message = error.serverInfo?[.message] ?? "no message"
+        return serverError(sqlState: error.serverInfo?[.sqlState] ?? "?", message: error.serverInfo?[.message] ?? "no message", underlying: error)
+    }
+}
+
+extension DBSession {
+    /// The `DBError` for a statement the server rejected with `sqlState` — for PostgreSQL engine
+    /// modules: 25006 (read-only transaction) is `writesPrevented`, `readOnlySession` or, on a
+    /// connect that may write, `noHostAvailable` (the host became a standby); the rest is
+    /// `queryFailed` with the server's message and SQLSTATE.
+    package func serverError(sqlState state: String, message: String, underlying error: any Error) -> DBError {
         if state == "25006", transactionPreventsWrites {
             return DBError(
                 .writesPrevented,
@@ -182,6 +190,11 @@ extension DBError {
     /// The PostgreSQL SQLSTATE of the server error behind this one (`"23505"` for a unique
     /// violation), or `nil` when the server did not cause it.
     public var sqlState: String? {
-        (underlying as? PSQLError)?.serverInfo?[.sqlState]
+        (underlying as? PSQLError)?.serverInfo?[.sqlState] ?? (underlying as? any PostgresServerErrorInfo)?.sqlState
     }
+}
+
+/// A server error of another PostgreSQL engine module (libpq's), for ``ContextDB/DBError/sqlState``.
+package protocol PostgresServerErrorInfo: Error {
+    var sqlState: String? { get }
 }

@@ -454,6 +454,7 @@ public final class PostgresEngine: DatabaseEngine {
     /// failure, which check failed and the fix. Never a source path of the build.
     /// - Parameter host: The server, `host:port`, named in TLS failures.
     static func explain(_ error: any Error, host: String? = nil) -> String {
+        if let error = error as? DBError { return error.message }  // already explained (a keepalive socket's connect)
         guard let error = error as? PSQLError else {
             return explainTLS(error, host: host) ?? "could not connect: \(DBError.redactingSourcePaths(String(describing: error)))"
         }

@@ -43,7 +43,13 @@ public struct PostgresKeepalive: Sendable, Hashable {
         self.count = count
     }
 
-    /// The socket options, as `setsockopt` takes them.
+    /// The largest idle time and interval Linux takes (`MAX_TCP_KEEPIDLE`): 32767 seconds.
+    public static let maximumSeconds = 32_767
+    /// The largest probe count Linux takes (`MAX_TCP_KEEPCNT`): 127.
+    public static let maximumCount = 127
+
+    /// The socket options, as `setsockopt` takes them: times in whole seconds from 1 to
+    /// ``maximumSeconds`` and a count from 1 to ``maximumCount`` (values outside are clamped).
     var socketOptions: [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
         var options = [(ChannelOptions.Types.SocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SO_KEEPALIVE), SocketOptionValue(isEnabled ? 1 : 0))]
         guard isEnabled else { return options }
@@ -53,9 +59,12 @@ public struct PostgresKeepalive: Sendable, Hashable {
         #else
         let idleOption = TCP_KEEPIDLE
         #endif
-        if let idle { options.append((.init(level: tcp, name: idleOption), SocketOptionValue(idle.components.seconds))) }
-        if let interval { options.append((.init(level: tcp, name: TCP_KEEPINTVL), SocketOptionValue(interval.components.seconds))) }
-        if let count { options.append((.init(level: tcp, name: TCP_KEEPCNT), SocketOptionValue(count))) }
+        func seconds(_ duration: Duration) -> SocketOptionValue {
+            SocketOptionValue(min(max(duration.components.seconds, 1), Int64(Self.maximumSeconds)))
+        }
+        if let idle { options.append((.init(level: tcp, name: idleOption), seconds(idle))) }
+        if let interval { options.append((.init(level: tcp, name: TCP_KEEPINTVL), seconds(interval))) }
+        if let count { options.append((.init(level: tcp, name: TCP_KEEPCNT), SocketOptionValue(min(max(count, 1), Self.maximumCount)))) }
         return options
     }
 
@@ -67,7 +76,16 @@ public struct PostgresKeepalive: Sendable, Hashable {
         var bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .connectTimeout(configuration.options.connectTimeout)
         for (option, value) in socketOptions { bootstrap = bootstrap.channelOption(option, value: value) }
-        let channel = try await bootstrap.connect(host: endpoint.host, port: endpoint.port).get()
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.connect(host: endpoint.host, port: endpoint.port).get()
+        } catch {
+            throw DBError(
+                .connectionFailed,
+                "could not reach the server: \(DBError.redactingSourcePaths(String(describing: error))); check the host, the port and that the server runs",
+                host: endpoint.description, underlying: error
+            )
+        }
         var established = PostgresConnection.Configuration(
             establishedChannel: channel, tls: configuration.tls,
             username: configuration.username, password: configuration.password, database: configuration.database

@@ -27,6 +27,13 @@ extension PostgresTopology {
     /// at warning level.
     /// - Returns: The hook, for `DBConnect(chooseHost:)`.
     public func primaryHook() -> DBConnect<PostgresEngine>.ChooseHost {
+        primaryHook(for: PostgresEngine.self)
+    }
+
+    /// ``primaryHook()`` for a connect of another PostgreSQL engine (libpq's, say).
+    /// - Parameter engine: The connect's engine type.
+    /// - Returns: The hook, for `DBConnect(chooseHost:)`.
+    public func primaryHook<Engine: DatabaseEngine>(for engine: Engine.Type) -> DBConnect<Engine>.ChooseHost {
         { [self] request in
             let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
@@ -103,6 +110,31 @@ extension PostgresTopology {
         fallbackToPrimary: Bool = true,
         readYourWritesWait: Duration = .milliseconds(500)
     ) -> DBConnect<PostgresEngine>.ChooseHost {
+        replicaHook(
+            for: PostgresEngine.self, policy: policy, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag,
+            fallbackToPrimary: fallbackToPrimary, readYourWritesWait: readYourWritesWait
+        )
+    }
+
+    /// ``replicaHook(policy:maximumLagBytes:maximumLag:fallbackToPrimary:readYourWritesWait:)``
+    /// for a connect of another PostgreSQL engine (libpq's, say), whose consistency tokens are
+    /// WAL positions too.
+    /// - Parameters:
+    ///   - engine: The connect's engine type.
+    ///   - policy: How to spread sessions over fit replicas. Default round robin.
+    ///   - maximumLagBytes: The most WAL bytes a replica may lag. Default 16 MiB.
+    ///   - maximumLag: The most replay lag in time. Default 10 seconds.
+    ///   - fallbackToPrimary: Use the primary when no replica is fit. Default `true`.
+    ///   - readYourWritesWait: The longest to wait for a replica to reach the request's position. Default 500 ms.
+    /// - Returns: The hook, for `DBConnect(chooseHost:)`.
+    public func replicaHook<Engine: DatabaseEngine>(
+        for engine: Engine.Type,
+        policy: DBReplicaPolicy = .roundRobin,
+        maximumLagBytes: UInt64? = PostgresTopology.defaultMaximumLagBytes,
+        maximumLag: Duration? = PostgresTopology.defaultMaximumLag,
+        fallbackToPrimary: Bool = true,
+        readYourWritesWait: Duration = .milliseconds(500)
+    ) -> DBConnect<Engine>.ChooseHost {
         { [self] request in
             let connect = request.connect
             await waitForFirstRound(timeout: configuration.probeTimeout)
@@ -225,7 +257,7 @@ extension PostgresTopology {
     }
 
     /// The primary for a replica session inside `withPrimaryReads`.
-    private func primaryForReads(_ connect: DBConnect<PostgresEngine>) throws -> DBHostChoice {
+    private func primaryForReads<Engine: DatabaseEngine>(_ connect: DBConnect<Engine>) throws -> DBHostChoice {
         let snapshot = self.snapshot
         guard let primary = snapshot.primary?.endpoint.description else {
             let error = DBError(
@@ -242,9 +274,9 @@ extension PostgresTopology {
         )
     }
 
-    /// The hosts that left the cluster for which `connect` still has an engine (one lock and
-    /// no copy while none left).
-    private func departedEngines(of connect: DBConnect<PostgresEngine>, _ snapshot: Snapshot) -> [String] {
+    /// The hosts that left the cluster for which `connect` still has an engine. Free while no
+    /// host ever left; after that, a copy of the connect's hosts per session.
+    private func departedEngines<Engine: DatabaseEngine>(of connect: DBConnect<Engine>, _ snapshot: Snapshot) -> [String] {
         guard !snapshot.departed.isEmpty else { return [] }
         let engines = connect.engineHosts
         return snapshot.departed.filter(engines.contains)

@@ -130,6 +130,10 @@ public final class PostgresTopology: Service, Sendable {
         /// forgotten first.
         var departed: [String] = []
         static let departedLimit = 256
+        /// How many lookups in a row missed each host still listed (see `lookupsBeforeRemoval`).
+        var missedLookups: [PostgresEndpoint: Int] = [:]
+        /// The ticket of the lookup applied last.
+        var lastLookup = 0
 
         /// The healthy primary; with two (during a failover), the one with the fewest recent
         /// failures, then the furthest WAL position.
@@ -228,7 +232,8 @@ public final class PostgresTopology: Service, Sendable {
         )
         self.configuration = configuration
         self.logger = logger
-        self.firstRound = Mutex(FirstRound(unprobed: Set(initial), resolved: resolved))
+        // A fixed source with no host has nothing to wait for: sessions fail at once.
+        self.firstRound = Mutex(resolved && initial.isEmpty ? nil : FirstRound(unprobed: Set(initial), resolved: resolved))
         self.state = Mutex(Snapshot(hosts: initial.map(Self.newHost)))
     }
 
@@ -255,7 +260,7 @@ public final class PostgresTopology: Service, Sendable {
     }
 
     /// Whether the cluster can serve now: ready when every host had its first probe, a primary
-    /// is known and — when the URI names replicas — at least one replica is fit for token-less
+    /// is known and — when the cluster has other hosts — at least one replica is fit for token-less
     /// reads or `fallbackToPrimary` allows the primary to serve them.
     /// - Parameters:
     ///   - maximumLagBytes: The replica hook's byte limit. Default 16 MiB.
@@ -325,11 +330,19 @@ public final class PostgresTopology: Service, Sendable {
     /// With a changing ``DBHostSource`` it also looks the hosts up every interval of the
     /// source (every second at most while none is known): a host that appears gets a probe
     /// schedule of its own, one that vanishes loses it.
+    /// - Throws: `DBError.Code.invalidConfiguration` when the topology runs already.
     public func run() async throws {
+        let (starts, starter) = AsyncStream.makeStream(of: PostgresEndpoint.self)
+        let alreadyRunning = probeLoopStarter.withLock { current -> Bool in
+            guard current == nil else { return true }
+            current = starter
+            return false
+        }
+        if alreadyRunning {
+            throw DBError(.invalidConfiguration, "this PostgresTopology runs already: run it once (one ServiceGroup)")
+        }
         probing.add(1, ordering: .relaxed)
         defer { probing.subtract(1, ordering: .relaxed) }
-        let (starts, starter) = AsyncStream.makeStream(of: PostgresEndpoint.self)
-        probeLoopStarter.withLock { $0 = starter }
         await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 if case .changing(let interval, _) = self.hostSource.kind {
@@ -343,6 +356,8 @@ public final class PostgresTopology: Service, Sendable {
         }
         probeLoopStarter.withLock { $0 = nil }
         starter.finish()
+        // Hosts yielded but never started (the stream ended first) must get a loop next run.
+        probeLoops.withLock { $0.removeAll() }
         await closeProbeConnections()
     }
 
@@ -369,6 +384,11 @@ public final class PostgresTopology: Service, Sendable {
             apply([endpoint: await probe(endpoint)])
             try? await Task.sleep(for: nextProbeDelay(&fast))
         }
+        // A probe that was connecting when its host left may have kept its connection.
+        if !state.withLock({ $0.hosts.contains { $0.endpoint == endpoint } }),
+           let connection = probeConnections.withLock({ $0.removeValue(forKey: endpoint) }) {
+            try? await connection.close()
+        }
     }
 
     /// Looks the hosts up every `interval` — every second at most while none is known — until
@@ -388,6 +408,7 @@ public final class PostgresTopology: Service, Sendable {
     /// source.
     public func refreshHosts() async {
         guard case .changing(_, let lookUp) = hostSource.kind else { return }
+        let ticket = lookupTickets.add(1, ordering: .relaxed).newValue
         let found: [PostgresEndpoint]
         do {
             found = try await lookUp(url)
@@ -403,35 +424,55 @@ public final class PostgresTopology: Service, Sendable {
         }
         // The probe connections of hosts that left, closed (awaited: PostgresNIO wants a
         // connection closed before it is freed).
-        for connection in applyHosts(found) { try? await connection.close() }
+        for connection in applyHosts(found, ticket: ticket) { try? await connection.close() }
     }
+
+    /// Numbers the lookups, so an older answer never replaces a newer one.
+    private let lookupTickets = Atomic<Int>(0)
+    /// A host must be missing from this many lookups in a row before it is removed: one short
+    /// answer (a flaky resolver) drains nothing.
+    static let lookupsBeforeRemoval = 2
 
     /// Makes `found` the hosts, keeping what is known of those that stay.
     /// - Returns: The probe connections of the hosts that left, to close.
-    private func applyHosts(_ found: [PostgresEndpoint]) -> [PostgresConnection] {
+    private func applyHosts(_ found: [PostgresEndpoint], ticket: Int) -> [PostgresConnection] {
         var unique: [PostgresEndpoint] = []
         for endpoint in found where !unique.contains(endpoint) { unique.append(endpoint) }
+        let firstLookup = firstRound.withLock { $0.map { !$0.resolved } ?? false }
         let (added, removed) = state.withLock { snapshot -> ([PostgresEndpoint], [PostgresEndpoint]) in
+            guard ticket > snapshot.lastLookup else { return ([], []) }  // a newer answer is in
+            snapshot.lastLookup = ticket
             let current = snapshot.hosts.map(\.endpoint)
             let added = unique.filter { !current.contains($0) }
-            let removed = current.filter { !unique.contains($0) }
+            var removed: [PostgresEndpoint] = []
+            for endpoint in current where !unique.contains(endpoint) {
+                snapshot.missedLookups[endpoint, default: 0] += 1
+                if firstLookup || snapshot.missedLookups[endpoint]! >= Self.lookupsBeforeRemoval { removed.append(endpoint) }
+            }
+            for endpoint in unique { snapshot.missedLookups[endpoint] = nil }
+            for endpoint in removed { snapshot.missedLookups[endpoint] = nil }
             guard !added.isEmpty || !removed.isEmpty else { return ([], []) }
             let known = Dictionary(uniqueKeysWithValues: snapshot.hosts.map { ($0.endpoint, $0) })
-            snapshot.hosts = unique.map { known[$0] ?? Self.newHost($0) }
+            let kept = snapshot.hosts.map(\.endpoint).filter { !removed.contains($0) && !unique.contains($0) }
+            snapshot.hosts = (unique + kept).map { known[$0] ?? Self.newHost($0) }
             let comeBack = Set(added.map(\.description))
             snapshot.departed.removeAll { comeBack.contains($0) }
             snapshot.departed += removed.map(\.description)
             snapshot.departed.removeFirst(max(0, snapshot.departed.count - Snapshot.departedLimit))
+            // Under the state's lock: a concurrent change cannot destroy gauges just made.
+            metrics.setHosts(adding: added, removing: removed)
             return (added, removed)
         }
         firstRound.withLock { round in
-            guard round != nil, !round!.resolved else { return }
-            round!.resolved = true
-            round!.unprobed = Set(unique)
+            guard round != nil else { return }
+            if !round!.resolved {
+                round!.resolved = true
+                round!.unprobed = Set(unique)
+            }
+            round!.unprobed.subtract(removed)  // a host that left before its first probe
         }
-        markProbed([])  // completes the first round when the lookup found nothing new to probe
+        markProbed([])  // completes the first round when nothing is left to probe
         guard !added.isEmpty || !removed.isEmpty else { return [] }
-        metrics.setHosts(adding: added, removing: removed)
         logger.info("the cluster's hosts changed", metadata: [
             "contextdb.hosts.added": "\(added.map(\.description).joined(separator: ","))",
             "contextdb.hosts.removed": "\(removed.map(\.description).joined(separator: ","))",

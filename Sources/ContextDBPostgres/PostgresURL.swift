@@ -178,15 +178,19 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
                 keepalive = keepalive ?? PostgresKeepalive()
                 keepalive!.isEnabled = flag != 0
             case "keepalives_idle", "keepalives_interval":
-                guard let seconds = Int(value), seconds >= 0 else {
-                    throw invalid("\(key) \"\(value)\" is not a number of seconds (0 for the system's default)")
+                guard let seconds = Int(value), (0...PostgresKeepalive.maximumSeconds).contains(seconds) else {
+                    throw invalid(
+                        "\(key) \"\(value)\" is not a number of seconds from 1 to \(PostgresKeepalive.maximumSeconds) (0 for the system's default)"
+                    )
                 }
                 keepalive = keepalive ?? PostgresKeepalive()
                 let duration: Duration? = seconds == 0 ? nil : .seconds(seconds)
                 if key == "keepalives_idle" { keepalive!.idle = duration } else { keepalive!.interval = duration }
             case "keepalives_count":
-                guard let count = Int(value), count >= 0 else {
-                    throw invalid("keepalives_count \"\(value)\" is not a number of probes (0 for the system's default)")
+                guard let count = Int(value), (0...PostgresKeepalive.maximumCount).contains(count) else {
+                    throw invalid(
+                        "keepalives_count \"\(value)\" is not a number of probes from 1 to \(PostgresKeepalive.maximumCount) (0 for the system's default)"
+                    )
                 }
                 keepalive = keepalive ?? PostgresKeepalive()
                 keepalive!.count = count == 0 ? nil : count

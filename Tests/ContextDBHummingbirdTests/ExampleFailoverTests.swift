@@ -16,6 +16,8 @@ import TestSupport
 
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 
 /// The example over HTTP while its primary stops and a replica is promoted — or never is
@@ -135,10 +137,13 @@ struct ExampleFailoverTests {
                 #expect(database.topology.sessionsWaitingForPrimary == 0)
                 try await eventually("the connections are back") { ExampleHarness.leased(database) == 0 }
 
-                // Nothing was written while the primary was down, nor twice.
+                // Nothing was written while the primary was down, nor twice: beyond the
+                // acknowledged rows, only a COMMIT under way at the stop may have landed (a 500).
                 try await cluster.run("start-primary")
                 let stored = try await rows(on: cluster.primaryPort, cluster: cluster)
-                #expect(Set(stored.map(\.id)) == Set(requests.compactMap(\.id)))
+                let acknowledged = Set(requests.compactMap(\.id))
+                #expect(acknowledged.isSubset(of: Set(stored.map(\.id))))
+                #expect(stored.count <= acknowledged.count + requests.filter { $0.status == .internalServerError }.count)
                 #expect(!stored.contains { $0.text == "hung up" })
                 print("no promotion: \(waiting.count) waiting requests, \(latencyReport(waiting))")
             }
@@ -239,7 +244,11 @@ private final class SteadyWriters: Sendable {
 
 /// Sends `POST /items` on a connection of its own and closes it after `delay`, unanswered or not.
 private func postAndHangUp(port: Int, text: String, after delay: Duration) async throws {
+    #if canImport(Glibc)
     let socket = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    #else
+    let socket = Darwin.socket(AF_INET, SOCK_STREAM, 0)
+    #endif
     try #require(socket >= 0)
     defer { close(socket) }
     var address = sockaddr_in()

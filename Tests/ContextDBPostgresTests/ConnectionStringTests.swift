@@ -136,7 +136,7 @@ struct ConnectionStringTests {
     }
 
     @Test(arguments: ["target_session_attrs=replica", "load_balance_hosts=round-robin", "keepalives=yes", "keepalives_idle=-1",
-                      "keepalives_interval=1.5", "keepalives_count=many"])
+                      "keepalives_interval=1.5", "keepalives_count=many", "keepalives_idle=40000", "keepalives_count=128"])
     func unknownValuesAreRefused(query: String) async throws {
         let error = await expectDBError(.invalidConfiguration) { _ = try PostgresURL(Self.url(query)) }
         #expect(error?.message.contains(String(query.split(separator: "=")[0])) == true)

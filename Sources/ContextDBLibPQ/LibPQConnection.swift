@@ -1,0 +1,251 @@
+import CLibPQ
+import ContextDB
+import Dispatch
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// One libpq connection (`PGconn`), driven on a serial dispatch queue of its own: libpq's
+/// blocking calls run there, never on Swift concurrency's cooperative pool.
+///
+/// A statement that outlives its deadline, or whose task is cancelled, gets a cancel request
+/// (`PQcancel`); if the server answers neither within ``LibPQEngine/cancelGrace``, the socket is
+/// shut down, so the statement fails at once and the connection is discarded.
+// @unchecked Sendable: `pg` is only read or written on `queue`, a serial queue — never from two
+// threads at once. The other stored properties are immutable or synchronized (`Mutex`,
+// `Atomic`). `canceller` (a `PGcancel`) may be used from any thread: libpq documents `PQcancel`
+// as thread-safe. Shutting the socket down is a file-descriptor call, safe beside a blocked read.
+public final class LibPQConnection: @unchecked Sendable {
+    private let queue: DispatchQueue
+    private var pg: OpaquePointer?
+    private let canceller: OpaquePointer?
+    private let socket: Int32
+    /// The statement running now (its number), so a late timer never cancels the next one.
+    private let running = Mutex<(current: UInt64?, next: UInt64)>((nil, 0))
+    private let broken = Atomic<Bool>(false)
+    /// The server this connection reached, as `host:port` (libpq's `PQhost`, `PQport`).
+    public let server: String
+    /// The server's process for this connection (`pg_backend_pid()`).
+    public let backendPID: Int32
+    /// The server's version, e.g. `150004` for 15.4 (`PQserverVersion`).
+    public let serverVersion: Int32
+
+    private init(queue: DispatchQueue, pg: OpaquePointer) {
+        self.queue = queue
+        self.pg = pg
+        self.canceller = PQgetCancel(pg)
+        self.socket = PQsocket(pg)
+        let host = PQhost(pg).map { String(cString: $0) } ?? "?"
+        let port = PQport(pg).map { String(cString: $0) } ?? "?"
+        self.server = host.hasPrefix("/") ? "\(host)/.s.PGSQL.\(port)" : "\(host):\(port)"
+        self.backendPID = PQbackendPID(pg)
+        self.serverVersion = PQserverVersion(pg)
+    }
+
+    deinit {
+        if let canceller { PQfreeCancel(canceller) }
+        if let pg { PQfinish(pg) }
+    }
+
+    /// Whether the connection can serve another statement: libpq has not seen it break.
+    public var isUsable: Bool { !broken.load(ordering: .relaxed) }
+
+    /// Opens a connection with `PQconnectdbParams` (`expand_dbname` on, so a `dbname` value may be
+    /// a whole connection string; later keywords override earlier ones), on a queue of its own.
+    /// - Throws: `DBError.Code.connectionFailed` with libpq's reason (never the password).
+    static func connect(_ keywords: [(String, String)]) async throws -> LibPQConnection {
+        let queue = DispatchQueue(label: "ContextDB.LibPQ.connection")
+        return try await withCheckedThrowingContinuation { continuation in
+            queue.async {
+                let names = keywords.map { strdup($0.0) } + [nil]
+                let values = keywords.map { strdup($0.1) } + [nil]
+                defer { (names + values).forEach { free($0) } }
+                let pg = names.withUnsafeBufferPointer { names in
+                    values.withUnsafeBufferPointer { values in
+                        names.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: names.count) { names in
+                            values.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: values.count) { values in
+                                PQconnectdbParams(names, values, 1)
+                            }
+                        }
+                    }
+                }
+                guard let pg, PQstatus(pg) == CONNECTION_OK else {
+                    let reason = pg.map { Self.message(PQerrorMessage($0)) } ?? "out of memory"
+                    if let pg { PQfinish(pg) }
+                    continuation.resume(throwing: DBError(.connectionFailed, "could not connect: \(reason)"))
+                    return
+                }
+                continuation.resume(returning: LibPQConnection(queue: queue, pg: pg))
+            }
+        }
+    }
+
+    /// Runs one statement with text parameters (`PQexecParams`) and collects its rows.
+    /// - Parameters:
+    ///   - sql: The statement, with `$1`, `$2`… for the parameters.
+    ///   - parameters: The parameters in PostgreSQL's text format; `nil` for NULL.
+    ///   - timeout: Cancel the statement past it (and shut the socket down ``LibPQEngine/cancelGrace``
+    ///     later if the server answers neither). `nil`: no deadline.
+    /// - Throws: `DBError` — `.statementTimeout`, `.connectionLost`, or `.queryFailed` with the
+    ///   server's message and SQLSTATE (``LibPQServerError``); `CancellationError` when the task
+    ///   was cancelled and the server cancelled the statement.
+    func execute(_ sql: String, _ parameters: [String?] = [], timeout: Duration? = nil) async throws -> LibPQResult {
+        guard isUsable else {
+            throw DBError(.connectionLost, "the connection was lost before this statement; it is discarded", host: server)
+        }
+        let statement = running.withLock { state -> UInt64 in
+            state.next &+= 1
+            state.current = state.next
+            return state.next
+        }
+        let timedOut = Atomic<Bool>(false)
+        let cancelled = Atomic<Bool>(false)
+        let timer = timeout.map { timeout in
+            DispatchWorkItem { [self] in
+                timedOut.store(true, ordering: .relaxed)
+                interrupt(statement)
+            }.scheduled(after: timeout)
+        }
+        defer { timer?.cancel() }
+        let outcome = await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Result<LibPQResult, LibPQServerError>, Never>) in
+                queue.async { [self] in
+                    let outcome = run(sql, parameters)
+                    running.withLock { $0.current = nil }
+                    if PQstatus(pg) != CONNECTION_OK { broken.store(true, ordering: .relaxed) }
+                    continuation.resume(returning: outcome)
+                }
+            }
+        } onCancel: {
+            cancelled.store(true, ordering: .relaxed)
+            interrupt(statement)
+        }
+        switch outcome {
+        case .success(let result):
+            return result
+        case .failure(let error):
+            if timedOut.load(ordering: .relaxed) {
+                throw DBError(
+                    .statementTimeout, "the statement ran past its \(timeout!) deadline and was cancelled (\(error.message))",
+                    host: server, underlying: error
+                )
+            }
+            if cancelled.load(ordering: .relaxed), error.sqlState == "57014" || !isUsable { throw CancellationError() }
+            if !isUsable {
+                throw DBError(.connectionLost, "the connection was lost: \(error.message)", host: server, underlying: error)
+            }
+            throw DBError(
+                .queryFailed, "the server rejected the statement: \(error.message) (SQLSTATE \(error.sqlState ?? "?"))",
+                host: server, underlying: error
+            )
+        }
+    }
+
+    /// Asks the server to cancel statement `statement` if it still runs; shuts the socket down
+    /// ``LibPQEngine/cancelGrace`` later if it still runs then.
+    private func interrupt(_ statement: UInt64) {
+        guard running.withLock({ $0.current == statement }) else { return }
+        if let canceller {
+            var buffer = [CChar](repeating: 0, count: 256)
+            _ = PQcancel(canceller, &buffer, Int32(buffer.count))
+        }
+        _ = DispatchWorkItem { [self] in
+            running.withLock { state in
+                // Under the lock: the statement cannot end (and the connection go back to the
+                // pool) between the check and the shutdown.
+                guard state.current == statement else { return }
+                broken.store(true, ordering: .relaxed)
+                _ = shutdown(socket, Int32(SHUT_RDWR))
+            }
+        }.scheduled(after: LibPQEngine.cancelGrace)
+    }
+
+    /// Runs on `queue`.
+    private func run(_ sql: String, _ parameters: [String?]) -> Result<LibPQResult, LibPQServerError> {
+        let values = parameters.map { $0.map { strdup($0) } ?? nil }
+        defer { values.forEach { free($0) } }
+        let result = values.withUnsafeBufferPointer { buffer in
+            buffer.withMemoryRebound(to: UnsafePointer<CChar>?.self) { values in
+                PQexecParams(pg, sql, Int32(parameters.count), nil, values.baseAddress, nil, nil, 0)
+            }
+        }
+        defer { PQclear(result) }
+        guard let result else {
+            return .failure(LibPQServerError(sqlState: nil, message: Self.message(PQerrorMessage(pg))))
+        }
+        let status = PQresultStatus(result)
+        guard status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK else {
+            let state = PQresultErrorField(result, Int32(UInt8(ascii: "C"))).map { String(cString: $0) }
+            let primary = PQresultErrorField(result, Int32(UInt8(ascii: "M"))).map { String(cString: $0) }
+            return .failure(LibPQServerError(sqlState: state, message: primary ?? Self.message(PQresultErrorMessage(result))))
+        }
+        let columnCount = Int(PQnfields(result))
+        let columns = (0..<columnCount).map { String(cString: PQfname(result, Int32($0))) }
+        let rows = (0..<Int(PQntuples(result))).map { row in
+            (0..<columnCount).map { column -> String? in
+                PQgetisnull(result, Int32(row), Int32(column)) == 1 ? nil : String(cString: PQgetvalue(result, Int32(row), Int32(column)))
+            }
+        }
+        let tag = PQcmdStatus(result).map { String(cString: $0) } ?? ""
+        return .success(LibPQResult(columns: columns, rows: rows, commandTag: tag))
+    }
+
+    /// Shuts the socket down — a statement running on it fails at once — then closes the
+    /// connection: for a connection a session still holds at shutdown.
+    func abort() async {
+        running.withLock { _ in
+            broken.store(true, ordering: .relaxed)
+            _ = shutdown(socket, Int32(SHUT_RDWR))
+        }
+        await close()
+    }
+
+    /// Closes the connection (`PQfinish`) on its queue.
+    func close() async {
+        broken.store(true, ordering: .relaxed)
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            queue.async { [self] in
+                if let pg { PQfinish(pg) }
+                pg = nil
+                continuation.resume()
+            }
+        }
+    }
+
+    private static func message(_ text: UnsafePointer<CChar>?) -> String {
+        guard let text else { return "no message" }
+        var message = String(cString: text)
+        while message.last?.isWhitespace == true { message.removeLast() }
+        return message
+    }
+}
+
+/// What a statement returned: its columns, its rows in text format, and its command tag.
+struct LibPQResult: Sendable {
+    var columns: [String]
+    var rows: [[String?]]
+    /// `PQcmdStatus`: `INSERT 0 1`, `COMMIT`, `ROLLBACK`…
+    var commandTag: String
+}
+
+/// An error the server (or libpq) reported for a statement.
+public struct LibPQServerError: Error, Sendable, CustomStringConvertible {
+    /// The SQLSTATE (PostgreSQL docs, "PostgreSQL Error Codes"), when the server sent one.
+    public var sqlState: String?
+    /// The server's (or libpq's) message.
+    public var message: String
+
+    public var description: String { sqlState.map { "\(message) (SQLSTATE \($0))" } ?? message }
+}
+
+extension DispatchWorkItem {
+    /// Runs the item on a global queue after `delay`; returns it, to cancel.
+    fileprivate func scheduled(after delay: Duration) -> DispatchWorkItem {
+        let nanoseconds = delay.components.seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000
+        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(nanoseconds)), execute: self)
+        return self
+    }
+}

@@ -1,0 +1,230 @@
+import ContextDB
+import ContextDBLibPQ
+import ContextDBPostgres
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+
+/// The libpq engine against the test cluster: the engine-neutral behaviours the PostgresNIO
+/// engine's suites check — commit and rollback with the context, bound values, read-only
+/// connects, a deferred constraint's commit failure, savepoints, statement timeouts and
+/// cancellation, a connection the server ended, a busy pool, chaos that leaks nothing.
+@Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(3)))
+struct LibPQEngineTests {
+    /// A connect of the test's own: `application_name` names its connections on the server.
+    static func connect(
+        _ label: String = "libpq", readOnly: Bool = false, maximumConnections: Int = 10,
+        leaseTimeout: Duration = .seconds(30), statementTimeout: Duration? = nil, applicationName: String = "contextdb-libpq-test"
+    ) throws -> DBConnect<LibPQEngine> {
+        try running(DBConnect(
+            label: label, conninfo: TestCluster.url(query: "sslmode=disable&application_name=\(applicationName)"),
+            options: DBSessionOptions(readOnly: readOnly), maximumConnections: maximumConnections,
+            leaseTimeout: leaseTimeout, statementTimeout: statementTimeout
+        ))
+    }
+
+    /// A table of the test's own, dropped after `body`.
+    static func withTable<R>(_ columns: String = "id serial PRIMARY KEY, text text NOT NULL", _ body: (DBConnect<LibPQEngine>, String) async throws -> R) async throws -> R {
+        let primary = try connect()
+        let table = "libpq_\(UInt64.random(in: 0...UInt64.max))"
+        try await primary.withTransaction { try await $0.execute("CREATE TABLE \(unescaped: table) (\(unescaped: columns))") }
+        do {
+            let result = try await body(primary, table)
+            try await primary.withTransaction { try await $0.execute("DROP TABLE \(unescaped: table)") }
+            await primary.close()
+            return result
+        } catch {
+            try? await primary.withTransaction { try await $0.execute("DROP TABLE \(unescaped: table)") }
+            await primary.close()
+            throw error
+        }
+    }
+
+    static func count(_ connect: DBConnect<LibPQEngine>, _ table: String) async throws -> Int {
+        try await connect.withSession { try await $0.queryValue("SELECT count(*) FROM \(unescaped: table)", as: Int.self) ?? -1 }
+    }
+
+    @Test func aContextCommitsAtItsEndAndRollsBackWhenItThrows() async throws {
+        struct Thrown: Error {}
+        try await Self.withTable { primary, table in
+            try await withDBContext {
+                let session = try await primary.session()
+                try await session.execute("INSERT INTO \(unescaped: table) (text) VALUES (\("kept"))")
+            }
+            await #expect(throws: Thrown.self) {
+                try await withDBContext {
+                    try await primary.session().execute("INSERT INTO \(unescaped: table) (text) VALUES (\("dropped"))")
+                    throw Thrown()
+                }
+            }
+            let texts = try await primary.withSession { try await $0.query("SELECT text FROM \(unescaped: table)").map { try $0.decode(String.self) } }
+            #expect(texts == ["kept"])
+            #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
+        }
+    }
+
+    @Test func valuesAreBoundNeverSplicedAndDecodeByType() async throws {
+        try await Self.withTable { primary, table in
+            let hostile = "'); DROP TABLE \(table); --"
+            let id = try await primary.withTransaction { session in
+                try await session.queryValue("INSERT INTO \(unescaped: table) (text) VALUES (\(hostile)) RETURNING id", as: Int.self)
+            }
+            let row = try #require(try await primary.withSession { try await $0.query("SELECT id, text, NULL::int AS nothing, true FROM \(unescaped: table)").first })
+            let (readID, text) = try row.decode((Int, String).self)
+            #expect(readID == id && text == hostile)
+            #expect(try row.decode(Int?.self, column: "nothing") == nil)
+            #expect(try row.decode(Bool.self, column: 3))
+            let error = #expect(throws: DBError.self) { try row.decode(Int.self, column: 1) }
+            #expect(error?.message.contains("column 1 (text)") == true)
+        }
+    }
+
+    @Test func aReadOnlyConnectRefusesWrites() async throws {
+        try await Self.withTable { _, table in
+            let replica = try Self.connect("replica", readOnly: true)
+            let error = await expectDBError(.readOnlySession) {
+                try await withDBContext { try await replica.session().execute("INSERT INTO \(unescaped: table) (text) VALUES ('no')") }
+            }
+            #expect(error?.httpAnswer().status == 409)
+            #expect(error?.sqlState == "25006")
+            await replica.close()
+        }
+    }
+
+    @Test func aDeferredConstraintFailsTheCommitAndNothingIsLeft() async throws {
+        try await Self.withTable("id int, text text, UNIQUE (id) DEFERRABLE INITIALLY DEFERRED") { primary, table in
+            await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await primary.session()
+                    try await session.execute("INSERT INTO \(unescaped: table) VALUES (1, 'a')")
+                    try await session.execute("INSERT INTO \(unescaped: table) VALUES (1, 'b')")  // checked at COMMIT
+                }
+            }
+            let left = try await Self.count(primary, table)
+            #expect(left == 0)
+        }
+    }
+
+    /// A failed block that joined the open transaction (`atomic(.append)`) rolls it back; the
+    /// session goes on in a new transaction on the same connection.
+    @Test func aFailedBlockRollsBackTheTransactionItJoinedAndTheSessionGoesOn() async throws {
+        try await Self.withTable("id int PRIMARY KEY, text text") { primary, table in
+            try await withDBContext {
+                try await primary.session().execute("INSERT INTO \(unescaped: table) VALUES (1, 'first')")
+                let error = await expectDBError(.queryFailed) {
+                    try await primary.atomic(.append) { session in
+                        try await session.execute("INSERT INTO \(unescaped: table) VALUES (1, 'duplicate')")
+                    }
+                }
+                #expect(error?.sqlState == "23505", "a unique violation, with its SQLSTATE")
+                try await primary.session().execute("INSERT INTO \(unescaped: table) VALUES (2, 'second')")
+            }
+            let texts = try await primary.withSession { try await $0.query("SELECT text FROM \(unescaped: table)").map { try $0.decode(String.self) } }
+            #expect(texts == ["second"])
+        }
+    }
+
+    @Test func aStatementPastItsTimeoutIsCancelledOnTheServer() async throws {
+        let name = "contextdb-libpq-timeout-\(UInt32.random(in: 0...UInt32.max))"
+        let slow = try Self.connect(statementTimeout: .milliseconds(300), applicationName: name)
+        let error = await expectDBError(.statementTimeout) {
+            try await withDBContext { try await slow.session().execute("SELECT pg_sleep(30)") }
+        }
+        #expect(error?.message.contains("deadline") == true)
+        try await eventually("no statement of it runs on the server") { try await Self.activeStatements(name) == 0 }
+        // The connection was cancelled, not closed: it serves the next session.
+        #expect(try await slow.withSession { try await $0.queryValue("SELECT 1", as: Int.self) } == 1)
+        await slow.close()
+    }
+
+    @Test func aCancelledTaskCancelsItsStatement() async throws {
+        let name = "contextdb-libpq-cancel-\(UInt32.random(in: 0...UInt32.max))"
+        let primary = try Self.connect(applicationName: name)
+        let task = Task { try await withDBContext { try await primary.session().execute("SELECT pg_sleep(30)") } }
+        try await eventually("the statement runs") { try await Self.activeStatements(name) == 1 }
+        task.cancel()
+        let outcome = await task.result
+        #expect(throws: CancellationError.self) { try outcome.get() }
+        try await eventually("it no longer runs on the server") { try await Self.activeStatements(name) == 0 }
+        #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
+        await primary.close()
+    }
+
+    @Test func aConnectionTheServerEndedFailsFastAndTheNextSessionWorks() async throws {
+        let primary = try Self.connect()
+        let admin = try Self.connect("admin")
+        await expectDBError(.connectionLost) {
+            try await withDBContext {
+                let session = try await primary.session()
+                let pid = try #require(try await session.queryValue("SELECT pg_backend_pid()", as: Int.self))
+                _ = try await admin.withSession { try await $0.query("SELECT pg_terminate_backend(\(pid))") }
+                try await session.execute("SELECT 1")
+            }
+        }
+        #expect(try await primary.withSession { try await $0.queryValue("SELECT 1", as: Int.self) } == 1)
+        #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
+        for connect in [primary, admin] { await connect.close() }
+    }
+
+    @Test func aLeaseOnABusyPoolFailsAtItsTimeoutWithAClearError() async throws {
+        let primary = try Self.connect(maximumConnections: 1, leaseTimeout: .milliseconds(200))
+        try await withDBContext {
+            _ = try await primary.session().queryValue("SELECT 1", as: Int.self)  // holds the only connection
+            let error = await expectDBError(.connectionFailed) {
+                try await withDBContext { _ = try await primary.session().queryValue("SELECT 1", as: Int.self) }
+            }
+            #expect(error?.message.contains("lease timeout") == true)
+        }
+        #expect(try await primary.withSession { try await $0.queryValue("SELECT 2", as: Int.self) } == 2, "the pool serves again")
+        await primary.close()
+    }
+
+    /// Hundreds of sessions that commit, throw or are cancelled mid-statement: nothing stays
+    /// leased and no connection idles in a transaction on the server.
+    @Test func chaosLeaksNothing() async throws {
+        struct Thrown: Error {}
+        let name = "contextdb-libpq-chaos-\(UInt32.random(in: 0...UInt32.max))"
+        let primary = try Self.connect(maximumConnections: 8, applicationName: name)
+        await withTaskGroup(of: Void.self) { group in
+            for index in 0..<300 {
+                group.addTask {
+                    let work = Task {
+                        try await withDBContext {
+                            let session = try await primary.session()
+                            _ = try await session.query("SELECT pg_sleep(0.002), \(index)")
+                            if index % 3 == 1 { throw Thrown() }
+                        }
+                    }
+                    if index % 5 == 2 { work.cancel() }
+                    _ = await work.result
+                }
+            }
+        }
+        #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
+        try await eventually("no connection of it idles in a transaction") {
+            try await Self.admin { session in
+                try await session.queryValue(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = \(name) AND state <> 'idle'", as: Int.self
+                ) == 0
+            }
+        }
+        await primary.close()
+    }
+
+    /// How many statements of connections named `applicationName` run on the server.
+    static func activeStatements(_ applicationName: String) async throws -> Int {
+        try await admin { session in
+            try await session.queryValue(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = \(applicationName) AND state = 'active'", as: Int.self
+            ) ?? -1
+        }
+    }
+
+    static func admin<R>(_ body: (DBSession<LibPQEngine>) async throws -> R) async throws -> R {
+        let admin = try connect("admin", applicationName: "contextdb-libpq-admin")
+        let result = try await admin.withSession(body)
+        await admin.close()
+        return result
+    }
+}
