@@ -172,7 +172,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ContextDBLibPQTests",
-            dependencies: ["ContextDBLibPQ", "ContextDBPostgres", "CLibPQ", "TestSupport"],
+            dependencies: ["ContextDBLibPQ", "ContextDBPostgres", "ContextDBTesting", "CLibPQ", "TestSupport"],
             swiftSettings: swiftSettings
         ),
         .testTarget(

@@ -6,10 +6,9 @@ import Synchronization
 import Testing
 import TestSupport
 
-/// The libpq engine against the test cluster: the engine-neutral behaviours the PostgresNIO
-/// engine's suites check — commit and rollback with the context, bound values, read-only
-/// connects, a deferred constraint's commit failure, savepoints, statement timeouts and
-/// cancellation, a connection the server ended, a busy pool, chaos that leaks nothing.
+/// The libpq engine against the test cluster, beyond the conformance suite both engines pass
+/// (`EngineConformanceTests`): bound values and typed rows, a failed block that joined the
+/// transaction, a statement timeout and a cancelled task seen on the server, a busy pool.
 @Suite(.enabled(if: TestCluster.isAvailable), .runsServices, .timeLimit(.minutes(3)))
 struct LibPQEngineTests {
     /// A connect of the test's own: `application_name` names its connections on the server.
@@ -45,25 +44,6 @@ struct LibPQEngineTests {
         try await connect.withSession { try await $0.queryValue("SELECT count(*) FROM \(unescaped: table)", as: Int.self) ?? -1 }
     }
 
-    @Test func aContextCommitsAtItsEndAndRollsBackWhenItThrows() async throws {
-        struct Thrown: Error {}
-        try await Self.withTable { primary, table in
-            try await withDBContext {
-                let session = try await primary.session()
-                try await session.execute("INSERT INTO \(unescaped: table) (text) VALUES (\("kept"))")
-            }
-            await #expect(throws: Thrown.self) {
-                try await withDBContext {
-                    try await primary.session().execute("INSERT INTO \(unescaped: table) (text) VALUES (\("dropped"))")
-                    throw Thrown()
-                }
-            }
-            let texts = try await primary.withSession { try await $0.query("SELECT text FROM \(unescaped: table)").map { try $0.decode(String.self) } }
-            #expect(texts == ["kept"])
-            #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
-        }
-    }
-
     @Test func valuesAreBoundNeverSplicedAndDecodeByType() async throws {
         try await Self.withTable { primary, table in
             let hostile = "'); DROP TABLE \(table); --"
@@ -80,34 +60,6 @@ struct LibPQEngineTests {
         }
     }
 
-    @Test func aReadOnlyConnectRefusesWrites() async throws {
-        try await Self.withTable { _, table in
-            let replica = try Self.connect("replica", readOnly: true)
-            let error = await expectDBError(.readOnlySession) {
-                try await withDBContext { try await replica.session().execute("INSERT INTO \(unescaped: table) (text) VALUES ('no')") }
-            }
-            #expect(error?.httpAnswer().status == 409)
-            #expect(error?.sqlState == "25006")
-            await replica.close()
-        }
-    }
-
-    @Test func aDeferredConstraintFailsTheCommitAndNothingIsLeft() async throws {
-        try await Self.withTable("id int, text text, UNIQUE (id) DEFERRABLE INITIALLY DEFERRED") { primary, table in
-            await expectDBError(.commitFailed) {
-                try await withDBContext {
-                    let session = try await primary.session()
-                    try await session.execute("INSERT INTO \(unescaped: table) VALUES (1, 'a')")
-                    try await session.execute("INSERT INTO \(unescaped: table) VALUES (1, 'b')")  // checked at COMMIT
-                }
-            }
-            let left = try await Self.count(primary, table)
-            #expect(left == 0)
-        }
-    }
-
-    /// A failed block that joined the open transaction (`atomic(.append)`) rolls it back; the
-    /// session goes on in a new transaction on the same connection.
     @Test func aFailedBlockRollsBackTheTransactionItJoinedAndTheSessionGoesOn() async throws {
         try await Self.withTable("id int PRIMARY KEY, text text") { primary, table in
             try await withDBContext {
@@ -151,22 +103,6 @@ struct LibPQEngineTests {
         await primary.close()
     }
 
-    @Test func aConnectionTheServerEndedFailsFastAndTheNextSessionWorks() async throws {
-        let primary = try Self.connect()
-        let admin = try Self.connect("admin")
-        await expectDBError(.connectionLost) {
-            try await withDBContext {
-                let session = try await primary.session()
-                let pid = try #require(try await session.queryValue("SELECT pg_backend_pid()", as: Int.self))
-                _ = try await admin.withSession { try await $0.query("SELECT pg_terminate_backend(\(pid))") }
-                try await session.execute("SELECT 1")
-            }
-        }
-        #expect(try await primary.withSession { try await $0.queryValue("SELECT 1", as: Int.self) } == 1)
-        #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
-        for connect in [primary, admin] { await connect.close() }
-    }
-
     @Test func aLeaseOnABusyPoolFailsAtItsTimeoutWithAClearError() async throws {
         let primary = try Self.connect(maximumConnections: 1, leaseTimeout: .milliseconds(200))
         try await withDBContext {
@@ -177,38 +113,6 @@ struct LibPQEngineTests {
             #expect(error?.message.contains("lease timeout") == true)
         }
         #expect(try await primary.withSession { try await $0.queryValue("SELECT 2", as: Int.self) } == 2, "the pool serves again")
-        await primary.close()
-    }
-
-    /// Hundreds of sessions that commit, throw or are cancelled mid-statement: nothing stays
-    /// leased and no connection idles in a transaction on the server.
-    @Test func chaosLeaksNothing() async throws {
-        struct Thrown: Error {}
-        let name = "contextdb-libpq-chaos-\(UInt32.random(in: 0...UInt32.max))"
-        let primary = try Self.connect(maximumConnections: 8, applicationName: name)
-        await withTaskGroup(of: Void.self) { group in
-            for index in 0..<300 {
-                group.addTask {
-                    let work = Task {
-                        try await withDBContext {
-                            let session = try await primary.session()
-                            _ = try await session.query("SELECT pg_sleep(0.002), \(index)")
-                            if index % 3 == 1 { throw Thrown() }
-                        }
-                    }
-                    if index % 5 == 2 { work.cancel() }
-                    _ = await work.result
-                }
-            }
-        }
-        #expect(primary.engines.values.allSatisfy { $0.leasedConnectionCount == 0 })
-        try await eventually("no connection of it idles in a transaction") {
-            try await Self.admin { session in
-                try await session.queryValue(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = \(name) AND state <> 'idle'", as: Int.self
-                ) == 0
-            }
-        }
         await primary.close()
     }
 
