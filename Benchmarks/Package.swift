@@ -19,6 +19,7 @@ let package = Package(
             dependencies: [
                 .product(name: "ContextDB", package: "swift-context-db"),
                 .product(name: "ContextDBPostgres", package: "swift-context-db"),
+                .product(name: "ContextDBLibPQ", package: "swift-context-db"),
                 .product(name: "Benchmark", package: "benchmark"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 "NullEngine",

@@ -1,6 +1,7 @@
 import Benchmark
 import ContextDB
 import NullEngine
+import ContextDBLibPQ
 import ContextDBPostgres
 import Foundation
 import Logging
@@ -119,6 +120,30 @@ let benchmarks: @Sendable () -> Void = {
         for _ in benchmark.scaledIterations {
             try await client.withTransaction(logger: Logger(label: "baseline")) { connection in
                 _ = try await connection.query("INSERT INTO bench_items (text) VALUES (\("bench"))", logger: Logger(label: "baseline")).collect()
+            }
+        }
+        benchmark.stopMeasurement()
+    }
+
+    // The same two transactions on the libpq engine (ContextDBLibPQ).
+    let libpq = try! DBConnect(label: "libpq", conninfo: Server.url, maximumConnections: 4)
+    let libpqTask = Task { try await libpq.run() }
+    _ = libpqTask
+
+    Benchmark("SELECT 1 through a context session on libpq", configuration: .init(metrics: [.wallClock, .mallocCountTotal])) { benchmark in
+        for _ in benchmark.scaledIterations {
+            try await withDBContext {
+                blackHole(try await libpq.session().queryValue("SELECT 1", as: Int.self))
+            }
+        }
+    }
+
+    Benchmark("One-row INSERT transaction through a context session on libpq", configuration: .init(metrics: [.wallClock, .mallocCountTotal])) { benchmark in
+        try await createTable()
+        benchmark.startMeasurement()
+        for _ in benchmark.scaledIterations {
+            try await withDBContext {
+                try await libpq.session().execute("INSERT INTO bench_items (text) VALUES (\("bench"))")
             }
         }
         benchmark.stopMeasurement()
