@@ -69,6 +69,7 @@ let package = Package(
             dependencies: [
                 "ContextDB", "ContextDBPostgres", "CLibPQ",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings
         ),
@@ -107,6 +108,7 @@ let package = Package(
             dependencies: [
                 "ContextDB",
                 "ContextDBPostgres",
+                "ContextDBLibPQ",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -127,6 +129,7 @@ let package = Package(
         .executableTarget(
             name: "ContextDBExample",
             dependencies: [
+                "ContextDBLibPQ",
                 "ContextDB",
                 "ContextDBPostgres",
                 "ContextDBHummingbird",
@@ -180,6 +183,7 @@ let package = Package(
             dependencies: [
                 "ContextDBExample",
                 "ContextDBExampleSupport",
+                "ContextDBLibPQ",
                 "ExampleTestSupport",
                 "ContextDBHummingbird",
                 "ContextDBPostgres",

@@ -10,7 +10,8 @@
 # example-noreset, is the like-for-like example with RESET_SESSION_STATE=off: the difference
 # from `example` is what resetting released connections costs. A fifth, example-nometrics, has
 # METRICS=off (no backend: swift-metrics' no-op handlers), while `example` records every metric
-# into a Prometheus registry: the difference is what metrics cost.
+# into a Prometheus registry: the difference is what metrics cost. A sixth, example-libpq, is the
+# like-for-like example on libpq's engine (DATABASE_ENGINE=libpq).
 # Prints requests/s, p50 and p99 for each, and the example/baseline ratios.
 #
 # Each workload runs BENCH_ROUNDS times per server, the order rotated each round, after a VACUUM
@@ -31,6 +32,7 @@ baseline_port=8181
 ryow_port=8182
 noreset_port=8183
 nometrics_port=8184
+libpq_port=8185
 
 export PG_PRIMARY_PORT=${PG_PRIMARY_PORT:-28532}
 export PG_REPLICA_PORT=${PG_REPLICA_PORT:-28533}
@@ -57,6 +59,9 @@ until curl -sf "http://127.0.0.1:$noreset_port/health" >/dev/null; do sleep 0.2;
 METRICS=off READ_YOUR_WRITES=off LOG_LEVEL=warning "$example_bin" --port "$nometrics_port" > "$work/example-nometrics.log" 2>&1 &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$nometrics_port/health" >/dev/null; do sleep 0.2; done
+DATABASE_ENGINE=libpq READ_YOUR_WRITES=off LOG_LEVEL=warning "$example_bin" --port "$libpq_port" > "$work/example-libpq.log" 2>&1 &
+pids+=($!)
+until curl -sf "http://127.0.0.1:$libpq_port/health" >/dev/null; do sleep 0.2; done
 "$baseline_bin" "$baseline_port" > "$work/baseline.log" 2>&1 &
 pids+=($!)
 until [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$baseline_port/items/0")" = 404 ]; do sleep 0.2; done
@@ -87,7 +92,7 @@ run() { # name port path script → "rps p50 p99"
 }
 
 
-servers=(example baseline example+ryow example-noreset example-nometrics)
+servers=(example baseline example+ryow example-noreset example-nometrics example-libpq)
 printf '\n%-6s %-16s %-13s %12s %10s %10s %8s\n' round workload server requests/s p50 p99 non-2xx
 declare -A result
 for workload in insert read write-then-read; do
@@ -106,6 +111,7 @@ for workload in insert read write-then-read; do
                 example+ryow) port=$ryow_port ;;
                 example-noreset) port=$noreset_port ;;
                 example-nometrics) port=$nometrics_port ;;
+                example-libpq) port=$libpq_port ;;
             esac
             settle
             read -r rps p50 p99 errors < <(run "$workload" "$port" "$path" "$script")
@@ -122,7 +128,8 @@ for workload in insert read write-then-read; do
     r=$(median <<<"${result[$workload.example+ryow]}")
     n=$(median <<<"${result[$workload.example-noreset]}")
     m=$(median <<<"${result[$workload.example-nometrics]}")
-    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" -v n="$n" -v m="$m" \
-        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f; without the session reset: %8.1f, reset cost %.1f%%; without metrics: %8.1f, metrics cost %.1f%%)\n", w, e, b, e / b, r, r / b, n, (1 - e / n) * 100, m, (1 - e / m) * 100 }'
+    l=$(median <<<"${result[$workload.example-libpq]}")
+    awk -v w="$workload" -v e="$e" -v b="$b" -v r="$r" -v n="$n" -v m="$m" -v l="$l" \
+        'BEGIN { printf "%-16s example %8.1f  baseline %8.1f  example/baseline = %.3f   (with read-your-own-writes: %8.1f, %.3f; without the session reset: %8.1f, reset cost %.1f%%; without metrics: %8.1f, metrics cost %.1f%%; on libpq: %8.1f, %.3f)\n", w, e, b, e / b, r, r / b, n, (1 - e / n) * 100, m, (1 - e / m) * 100, l, l / b }'
 done
 echo "(machine: $(nproc) cores, $(free -g | awk '/Mem:/ { print $2 }') GiB; wrk -t$threads -c$connections -d$duration)"

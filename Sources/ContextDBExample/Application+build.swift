@@ -13,8 +13,8 @@ import Prometheus
 ///   - metrics: The registry `GET /metrics` serves; `nil` for no such route.
 ///   - tracing: Give every request a span (Hummingbird's `TracingMiddleware`), the parent of
 ///     its transactions' spans.
-func buildApplication(
-    database: ExampleDatabase,
+func buildApplication<Engine: ExampleEngine>(
+    database: ExampleDatabaseOf<Engine>,
     hostname: String = "127.0.0.1",
     port: Int = 8080,
     metrics: PrometheusCollectorRegistry? = nil,
@@ -39,7 +39,7 @@ func buildApplication(
 
 /// The router with the session middleware (which also carries the `X-WAL-LSN` token) and
 /// every route.
-func buildRouter(database: ExampleDatabase, tracing: Bool = false) -> Router<BasicRequestContext> {
+func buildRouter<Engine: ExampleEngine>(database: ExampleDatabaseOf<Engine>, tracing: Bool = false) -> Router<BasicRequestContext> {
     let router = Router()
     if tracing { router.add(middleware: TracingMiddleware()) }  // outside the session middleware: its span is the parent
     router.add(middleware: DBSessionMiddleware())

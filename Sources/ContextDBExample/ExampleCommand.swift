@@ -1,6 +1,7 @@
 import ArgumentParser
 import ContextDB
 import ContextDBExampleSupport
+import ContextDBLibPQ
 import ContextDBPostgres
 import Foundation
 import Hummingbird
@@ -26,7 +27,8 @@ struct ExampleCommand: AsyncParsableCommand {
             RESET_SESSION_STATE=off skips resetting released connections (to measure its cost). \
             GET /metrics serves every metric in Prometheus' text format; METRICS=off records none \
             (to measure their cost). TRACING=on traces every request, transaction and statement \
-            in process and logs the spans.
+            in process and logs the spans. DATABASE_ENGINE=libpq runs it on libpq (ContextDBLibPQ) \
+            instead of PostgresNIO.
             """
     )
 
@@ -53,9 +55,22 @@ struct ExampleCommand: AsyncParsableCommand {
             InstrumentationSystem.bootstrap(inMemory)
             tracer = inMemory
         }
-        let database = try ExampleDatabase(
-            environment: environment, instrumentation: DBInstrumentation(tracesStatements: tracer != nil), logger: logger
-        )
+        let instrumentation = DBInstrumentation(tracesStatements: tracer != nil)
+        switch environment["DATABASE_ENGINE"] ?? "postgresnio" {
+        case "postgresnio":
+            try await serve(ExampleDatabase(environment: environment, instrumentation: instrumentation, logger: logger),
+                            registry: registry, tracer: tracer, logger: logger)
+        case "libpq":
+            try await serve(ExampleDatabaseOf<LibPQEngine>(environment: environment, instrumentation: instrumentation, logger: logger),
+                            registry: registry, tracer: tracer, logger: logger)
+        case let other:
+            throw ValidationError("DATABASE_ENGINE=\(other) is not postgresnio or libpq")
+        }
+    }
+
+    private func serve<Engine: ExampleEngine>(
+        _ database: ExampleDatabaseOf<Engine>, registry: PrometheusCollectorRegistry?, tracer: InMemoryTracer?, logger: Logger
+    ) async throws {
         var app = try await buildApplication(
             database: database, hostname: hostname, port: port, metrics: registry, tracing: tracer != nil, logger: logger
         )

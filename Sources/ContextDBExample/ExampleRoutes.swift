@@ -9,13 +9,21 @@ extension ItemStore.Health: ResponseEncodable {}
 /// The example's routes on Hummingbird's router: the nine scenarios of the Python original
 /// (`ExampleScenarios`), the items API (`ItemStore`) and `GET /topology` (`TopologyReport`).
 struct ExampleRoutes: Sendable {
-    let database: ExampleDatabase
+    let scenarios: ExampleScenarios
+    let items: ItemStore
+    let report: TopologyReport
+
+    init<Engine: ExampleEngine>(database: ExampleDatabaseOf<Engine>) {
+        scenarios = ExampleScenarios(database: database)
+        items = ItemStore(database: database)
+        report = TopologyReport(database: database)
+    }
 
     func add(to router: Router<BasicRequestContext>) {
-        for (path, handler) in ExampleScenarios(database: database).routes {
+        let items = self.items, report = self.report
+        for (path, handler) in scenarios.routes {
             router.post(RouterPath(path)) { _, _ in Response(status: HTTPResponse.Status(code: try await handler())) }
         }
-        let items = ItemStore(database: database)
         router.post("/items") { request, context in
             let item = try await newItem(request, context)
             let id = try await failing { try await items.insert(item.text) }
@@ -30,7 +38,6 @@ struct ExampleRoutes: Sendable {
             return try await failing { try await items.writeThenRead(item.text) }
         }
         router.get("/health") { _, _ in try await failing { try await items.health() } }
-        let report = TopologyReport(database: database)
         router.get("/health/live") { _, _ in try await failing { try report.live() } }
         router.get("/health/ready") { _, _ in try await failing { try report.ready() } }
         router.get("/topology") { request, context in

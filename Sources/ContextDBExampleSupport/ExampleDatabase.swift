@@ -3,20 +3,25 @@ import ContextDBPostgres
 import Logging
 import PostgresNIO
 
+/// The example's database on PostgresNIO (`DATABASE_ENGINE` unset or `postgresnio`).
+public typealias ExampleDatabase = ExampleDatabaseOf<PostgresEngine>
+
 /// The example's two connects, routed by a topology that probes every host of the URI: the
 /// primary connect follows the current primary (also after a promotion); the replica connect
 /// spreads reads over fit replicas, honours read-your-own-writes, and falls back to the primary.
-public struct ExampleDatabase: Sendable {
+/// `Engine` is PostgresNIO's (``ExampleDatabase``) or libpq's.
+public struct ExampleDatabaseOf<Engine: ExampleEngine>: Sendable {
     /// The local cluster of `scripts/pg-cluster.sh`, used when `DATABASE_URL` is not set.
-    public static let localClusterURL =
+    public static var localClusterURL: String {
         "postgresql://contextdb:contextdb@127.0.0.1:25432,127.0.0.1:25433/contextdb?sslmode=disable"
+    }
 
     /// The example's statement deadline: a statement still running after it is cancelled, and
     /// its connection closed a second later if the server answers neither (a frozen host).
-    public static let statementTimeout = Duration.seconds(5)
+    public static var statementTimeout: Duration { .seconds(5) }
     /// The example's lease deadline: with the statement deadline, no request waits more than
     /// about 10 seconds on a frozen host.
-    public static let leaseTimeout = Duration.seconds(4)
+    public static var leaseTimeout: Duration { .seconds(4) }
     /// The example's topology settings: the library's, but a write that finds no primary (a
     /// failover under way) waits up to 10 s for one instead of failing at once.
     public static var topologyConfiguration: PostgresTopology.Configuration {
@@ -26,8 +31,8 @@ public struct ExampleDatabase: Sendable {
     }
 
     public let topology: PostgresTopology
-    public let primary: DBConnect<PostgresEngine>
-    public let replica: DBConnect<PostgresEngine>
+    public let primary: DBConnect<Engine>
+    public let replica: DBConnect<Engine>
     /// The replica lag limits of token-less reads (reported by `/topology`).
     public let maximumLagBytes: UInt64?
     public let maximumLag: Duration?
@@ -57,16 +62,17 @@ public struct ExampleDatabase: Sendable {
         self.maximumLagBytes = maximumLagBytes
         self.maximumLag = maximumLag
         topology = try PostgresTopology(url: url, configuration: configuration, logger: logger, instrumentation: instrumentation)
-        primary = try DBConnect(
-            label: "primary", url: url, maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
-            statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, readYourWrites: readYourWrites,
-            logger: logger, chooseHost: topology.primaryHook(), instrumentation: instrumentation
+        primary = try Engine.exampleConnect(
+            label: "primary", url: url, options: DBSessionOptions(), maximumConnections: maximumConnections,
+            leaseTimeout: Self.leaseTimeout, statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState,
+            readYourWrites: readYourWrites, logger: logger, chooseHost: topology.primaryHook(for: Engine.self),
+            instrumentation: instrumentation
         )
-        replica = try DBConnect(
-            label: "replica", url: url, options: DBSessionOptions(readOnly: true),
-            maximumConnections: maximumConnections, leaseTimeout: Self.leaseTimeout,
-            statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState, logger: logger,
-            chooseHost: topology.replicaHook(maximumLagBytes: maximumLagBytes, maximumLag: maximumLag),
+        replica = try Engine.exampleConnect(
+            label: "replica", url: url, options: DBSessionOptions(readOnly: true), maximumConnections: maximumConnections,
+            leaseTimeout: Self.leaseTimeout, statementTimeout: Self.statementTimeout, resetsSessionState: resetsSessionState,
+            readYourWrites: false, logger: logger,
+            chooseHost: topology.replicaHook(for: Engine.self, maximumLagBytes: maximumLagBytes, maximumLag: maximumLag),
             instrumentation: instrumentation
         )
     }
@@ -100,17 +106,19 @@ public struct ExampleDatabase: Sendable {
     }
 
     /// The example's tables, created when missing.
-    public static let schema = [
-        "CREATE TABLE IF NOT EXISTS example (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text)",
-        "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)",
-    ]
+    public static var schema: [String] {
+        [
+            "CREATE TABLE IF NOT EXISTS example (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), text text)",
+            "CREATE TABLE IF NOT EXISTS items (id bigserial PRIMARY KEY, text text NOT NULL)",
+        ]
+    }
 
     /// Creates the example's tables when they are missing.
     public func createTables() async throws {
         for attempt in 1...3 {
             do {
                 try await primary.withTransaction { session in
-                    for statement in Self.schema { try await session.execute(PostgresQuery(unsafeSQL: statement)) }
+                    for statement in Self.schema { try await Engine.exampleExecute(statement, in: session) }
                 }
                 return
             } catch let error as DBError where error.sqlState == "23505" && attempt < 3 {

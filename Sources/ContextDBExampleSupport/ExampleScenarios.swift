@@ -1,24 +1,27 @@
 import ContextDB
-import ContextDBPostgres
-import PostgresNIO
 
 /// The nine routes of the Python original's example app, free of any web framework: each is
 /// a path and a handler that returns the HTTP status to answer with, and the examples mount
 /// them with the same statuses and row counts (`../shared/reference/original-behaviour.md`).
 public struct ExampleScenarios: Sendable {
-    let database: ExampleDatabase
-    var connect: DBConnect<PostgresEngine> { database.primary }
-
     /// An error a handler throws on purpose; the middleware rolls back and the client gets a 500.
     public struct IntendedFailure: Error {}
 
-    /// The scenarios of `database`.
-    public init(database: ExampleDatabase) {
-        self.database = database
-    }
-
     /// Every scenario: its `POST` path and its handler, which returns an HTTP status code.
-    public var routes: [(path: String, handler: @Sendable () async throws -> Int)] {
+    public let routes: [(path: String, handler: @Sendable () async throws -> Int)]
+
+    /// The scenarios of `database`, on either engine.
+    public init<Engine: ExampleEngine>(database: ExampleDatabaseOf<Engine>) {
+        routes = Scenarios(connect: database.primary).routes
+    }
+}
+
+/// The scenarios on one engine's connect.
+private struct Scenarios<Engine: ExampleEngine>: Sendable {
+    typealias IntendedFailure = ExampleScenarios.IntendedFailure
+    let connect: DBConnect<Engine>
+
+    var routes: [(path: String, handler: @Sendable () async throws -> Int)] {
         [
             ("/simple_usage", simpleUsage),
             ("/atomic_base_example", atomicBaseExample),
@@ -32,8 +35,8 @@ public struct ExampleScenarios: Sendable {
         ]
     }
 
-    func insert(_ session: DBSession<PostgresEngine>, _ text: String) async throws {
-        try await session.execute("INSERT INTO example (text) VALUES (\(text))")
+    func insert(_ session: DBSession<Engine>, _ text: String) async throws {
+        try await Engine.insertExample(text, in: session)
     }
 
     /// One insert through the context session; the middleware commits it.

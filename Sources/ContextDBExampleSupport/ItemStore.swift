@@ -1,17 +1,26 @@
 import ContextDB
-import ContextDBPostgres
 import Foundation
-import PostgresNIO
 
 /// The items API's logic, free of any web framework: writes on the primary, reads through the
 /// replica connect, and a write-then-read in one request. The examples map its answers and its
 /// ``ExampleFailure``s to their own responses.
 public struct ItemStore: Sendable {
-    let database: ExampleDatabase
+    private let insertItem: @Sendable (String) async throws -> Int?
+    private let readItem: @Sendable (Int) async throws -> (host: String, text: String?)
+    private let commitPrimary: @Sendable () async throws -> Void
+    private let probes: [(label: String, selectOne: @Sendable () async throws -> Void)]
 
-    /// The store of `database`.
-    public init(database: ExampleDatabase) {
-        self.database = database
+    /// The store of `database`, on either engine.
+    public init<Engine: ExampleEngine>(database: ExampleDatabaseOf<Engine>) {
+        insertItem = { text in try await Engine.insertItem(text, in: database.primary.session()) }
+        readItem = { id in
+            let session = try await database.replica.session()
+            return (session.host, try await Engine.itemText(id, in: session))
+        }
+        commitPrimary = { try await database.primary.commit() }
+        probes = [database.primary, database.replica].map { connect in
+            (connect.label, { try await connect.withSession { try await Engine.selectOne(in: $0) } })
+        }
     }
 
     /// `POST /items`'s body.
@@ -85,46 +94,38 @@ public struct ItemStore: Sendable {
     /// Inserts an item through the primary's context session; the middleware commits it.
     /// - Returns: The new item's id.
     public func insert(_ text: String) async throws -> Int {
-        let id = try await database.primary.session().queryValue(
-            "INSERT INTO items (text) VALUES (\(text)) RETURNING id", as: Int.self
-        )
-        guard let id else { throw ExampleFailure(status: 500, message: "INSERT returned no id") }
+        guard let id = try await insertItem(text) else { throw ExampleFailure(status: 500, message: "INSERT returned no id") }
         return id
     }
 
     /// Reads an item through the replica's context session.
     /// - Throws: ``ExampleFailure`` 404 when there is no such item.
     public func item(_ id: Int) async throws -> Item {
-        let (session, row) = try await read(id)
-        guard let row else { throw ExampleFailure(status: 404, message: "no item \(id)") }
-        return Item(id: id, text: try row.decode(String.self), servedBy: session.host)
+        let (host, text) = try await readItem(id)
+        guard let text else { throw ExampleFailure(status: 404, message: "no item \(id)") }
+        return Item(id: id, text: text, servedBy: host)
     }
 
     /// Inserts an item, commits, and reads it back through the replica connect in the same
     /// request (read-your-own-writes makes the read wait for a replica that has it).
     public func writeThenRead(_ text: String) async throws -> ReadBack {
         let id = try await insert(text)
-        try await database.primary.commit()
-        let (session, row) = try await read(id)
-        return ReadBack(id: id, found: row != nil, servedBy: session.host)
+        try await commitPrimary()
+        let (host, found) = try await readItem(id)
+        return ReadBack(id: id, found: found != nil, servedBy: host)
     }
 
     /// Runs `SELECT 1` on both connects, outside the request's context.
     /// - Throws: ``ExampleFailure`` 503 naming the connect that cannot serve.
     public func health() async throws -> Health {
-        for connect in [database.primary, database.replica] {
+        for (label, selectOne) in probes {
             do {
-                _ = try await connect.withSession { try await $0.queryValue("SELECT 1", as: Int.self) }
+                try await selectOne()
             } catch {
-                throw ExampleFailure(status: 503, message: "the \(connect.label) database cannot serve: \(error)")
+                throw ExampleFailure(status: 503, message: "the \(label) database cannot serve: \(error)")
             }
         }
         return Health(status: "ok")
-    }
-
-    private func read(_ id: Int) async throws -> (DBSession<PostgresEngine>, PostgresRow?) {
-        let session = try await database.replica.session()
-        return (session, try await session.queryFirst("SELECT text FROM items WHERE id = \(id)"))
     }
 }
 

@@ -3,11 +3,11 @@ import ContextDBPostgres
 /// `GET /topology`'s answer: what the routing sees — every host, its role, health, lag in bytes
 /// and seconds, its WAL receiver's status, and why a replica may not serve token-less reads.
 public struct TopologyReport: Sendable {
-    let database: ExampleDatabase
+    let database: (topology: PostgresTopology, maximumLagBytes: UInt64?, maximumLag: Duration?)
 
     /// The report of `database`'s topology and lag limits.
-    public init(database: ExampleDatabase) {
-        self.database = database
+    public init<Engine: ExampleEngine>(database: ExampleDatabaseOf<Engine>) {
+        self.database = (database.topology, database.maximumLagBytes, database.maximumLag)
     }
 
     /// One host of the report.

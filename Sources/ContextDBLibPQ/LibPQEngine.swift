@@ -2,6 +2,7 @@ import CLibPQ
 import ContextDB
 import ContextDBPostgres
 import Logging
+import ServiceLifecycle
 import Synchronization
 
 /// A `DatabaseEngine` on libpq, PostgreSQL's own client library, with a pool of its own.
@@ -146,12 +147,14 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         try await connection.execute(sql, parameters, timeout: statementTimeout)
     }
 
-    /// Closes idle connections after ``idleTimeout`` and times out leases, until the task is
-    /// cancelled; then shuts down.
+    /// Closes idle connections after ``idleTimeout``, until the task is cancelled or a graceful
+    /// shutdown begins (ServiceLifecycle); then shuts down.
     public func run() async {
-        while !Task.isCancelled {
-            try? await Task.sleep(for: .seconds(1))
-            for connection in pool.takeIdle(olderThan: Self.idleTimeout) { await connection.close() }
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                try? await Task.sleep(for: .seconds(1))
+                for connection in self.pool.takeIdle(olderThan: Self.idleTimeout) { await connection.close() }
+            }
         }
         await shutdown()
     }

@@ -1,5 +1,6 @@
 import ContextDB
 import ContextDBExampleSupport
+import ContextDBLibPQ
 import ContextDBPostgres
 import ExampleTestSupport
 import Foundation
@@ -32,6 +33,39 @@ struct ExampleAppTests {
                 #expect(try await ExampleHarness.rows(in: "example") == route.rows, "\(route.path)")
                 #expect(ExampleHarness.leased(database) == 0)
             }
+        }
+        try await ExampleHarness.expectNoBusyConnections()
+    }
+
+    /// `DATABASE_ENGINE=libpq`: the same example on libpq's engine answers the nine routes
+    /// with the same statuses and rows, and the items API, read-your-own-writes included.
+    @Test func theExampleRunsOnLibPQ() async throws {
+        for route in exampleRoutes {
+            try await ExampleHarness.withExample(on: LibPQEngine.self) { database, app in
+                try await app.test(.router) { client in
+                    try await client.execute(uri: route.path, method: .post) { response in
+                        #expect(Int(response.status.code) == route.status, "\(route.path)")
+                    }
+                }
+                #expect(try await ExampleHarness.rows(in: "example") == route.rows, "\(route.path)")
+                #expect(ExampleHarness.leased(database) == 0)
+            }
+        }
+        try await ExampleHarness.withExample(on: LibPQEngine.self) { database, app in
+            try await app.test(.live) { client in
+                let id = try await client.execute(uri: "/items", method: .post, body: jsonBody(#"{"text":"on libpq"}"#)) { response in
+                    #expect(response.status == .created)
+                    return json(response.body)["id"] as? Int
+                }
+                #expect(id == 1)
+                let readBack = try await client.execute(
+                    uri: "/items/write_then_read", method: .post, body: jsonBody(#"{"text":"mine"}"#)
+                ) { json($0.body) }
+                #expect(readBack["found"] as? Bool == true, "the replica read found the request's own write")
+                try await client.execute(uri: "/items/99999", method: .get) { #expect($0.status == .notFound) }
+                try await client.execute(uri: "/health", method: .get) { #expect($0.status == .ok) }
+            }
+            #expect(ExampleHarness.leased(database) == 0)
         }
         try await ExampleHarness.expectNoBusyConnections()
     }

@@ -13,6 +13,18 @@ import TestSupport
 @testable import ContextDBExample
 
 extension ExampleHarness {
+    /// Builds the example on `engine` (libpq's, say) on empty tables and runs `body` with its
+    /// database and app.
+    static func withExample<Engine: ExampleEngine, R>(
+        on engine: Engine.Type,
+        _ body: (ExampleDatabaseOf<Engine>, any ApplicationProtocol) async throws -> R
+    ) async throws -> R {
+        let database = try ExampleDatabaseOf<Engine>(url: databaseURL, logger: Logger(label: "test"))
+        let app = try await buildApplication(database: database, port: 0)
+        try await emptyTables()
+        return try await body(database, app)
+    }
+
     /// Builds the example on empty tables and runs `body` with its database and app.
     static func withExample<R>(
         url: String = databaseURL,

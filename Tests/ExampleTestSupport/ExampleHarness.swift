@@ -69,7 +69,7 @@ public enum ExampleHarness {
     }
 
     /// How many connections the example's sessions hold, over every engine of both connects.
-    public static func leased(_ database: ExampleDatabase) -> Int {
+    public static func leased<Engine: ExampleEngine>(_ database: ExampleDatabaseOf<Engine>) -> Int {
         (Array(database.primary.engines.values) + Array(database.replica.engines.values)).map(\.leasedConnectionCount).reduce(0, +)
     }
 }
