@@ -136,8 +136,8 @@ struct EngineFixture<Engine: ConformanceEngine>: Sendable {
 
 /// One suite, both engines: the Python original's nine routes at library level (through the
 /// middleware's lifecycle, counting committed rows after), read-only enforcement, a
-/// deferred constraint's commit failure, a statement timeout, a connection the server ended,
-/// and chaos that leaves nothing leased or in a transaction.
+/// deferred constraint's commit failure, savepoint recovery, a statement timeout, a connection
+/// the server ended, and chaos that leaves nothing leased or in a transaction.
 @Suite(.enabled(if: TestCluster.isAvailable), .timeLimit(.minutes(3)))
 struct EngineConformanceTests {
     /// Runs a handler like the middleware; a thrown error or failed commit becomes a 500.
@@ -331,6 +331,33 @@ struct EngineConformanceTests {
             #expect(status == 500, "a failed commit is never a 200")
             #expect(try await fixture.count() == 0)
             try await fixture.expectAllIdle()
+        }
+    }
+
+    @Test(arguments: EngineKind.allCases) func aTransactionRecoveredWithASavepointCommitsBothRows(_ engine: EngineKind) async throws {
+        try await Self.savepointRecovery(engine.type)
+    }
+    static func savepointRecovery<E: ConformanceEngine>(_ engine: E.Type) async throws {
+        try await EngineFixture.with(engine) { fixture in
+            try await withDBContext {
+                let session = try await fixture.primary.session()
+                try await fixture.insert(session, "a")
+                try await E.execute("SAVEPOINT s", in: session)
+                await expectDBError(.queryFailed) { try await E.execute("SELECT 1 / 0", in: session) }
+                try await E.execute("ROLLBACK TO SAVEPOINT s", in: session)
+                try await fixture.insert(session, "b")
+            }
+            #expect(try await fixture.count() == 2)
+            // Without the savepoint, a swallowed failure still fails the commit.
+            let error = await expectDBError(.commitFailed) {
+                try await withDBContext {
+                    let session = try await fixture.primary.session()
+                    try await fixture.insert(session, "c")
+                    try? await E.execute("SELECT 1 / 0", in: session)
+                }
+            }
+            #expect(error?.message.contains("rolled the transaction back") == true)
+            #expect(try await fixture.count() == 2)
         }
     }
 
