@@ -15,9 +15,12 @@ import Darwin
 /// (`PQcancel`); if the server answers neither within ``LibPQEngine/cancelGrace``, the socket is
 /// shut down, so the statement fails at once and the connection is discarded.
 // @unchecked Sendable: `pg` is only read or written on `queue`, a serial queue — never from two
-// threads at once. The other stored properties are immutable or synchronized (`Mutex`,
-// `Atomic`). `canceller` (a `PGcancel`) may be used from any thread: libpq documents `PQcancel`
-// as thread-safe. Shutting the socket down is a file-descriptor call, safe beside a blocked read.
+// threads at once — and in `deinit`, when nothing else holds the connection. The other stored
+// properties are immutable or synchronized (`Mutex`, `Atomic`). `canceller` (a `PGcancel`) may
+// be used from any thread: libpq documents `PQcancel` as thread-safe. `socket` is a duplicate of
+// libpq's descriptor, owned by this object and closed only in `deinit`, so shutting it down
+// never touches a descriptor number the process reused; shutting down a socket is safe beside
+// a read blocked on it.
 public final class LibPQConnection: @unchecked Sendable {
     private let queue: DispatchQueue
     private var pg: OpaquePointer?
@@ -28,8 +31,8 @@ public final class LibPQConnection: @unchecked Sendable {
     private let broken = Atomic<Bool>(false)
     /// The server this connection reached, as `host:port` (libpq's `PQhost`, `PQport`).
     public let server: String
-    /// The server's process for this connection (`pg_backend_pid()`).
-    public let backendPID: Int32
+    /// The server's process for this connection (`PQbackendPID`, as `pg_backend_pid()` says).
+    public let backendPID: Int32  // PQbackendPID
     /// The server's version, e.g. `150004` for 15.4 (`PQserverVersion`).
     public let serverVersion: Int32
 
@@ -37,7 +40,7 @@ public final class LibPQConnection: @unchecked Sendable {
         self.queue = queue
         self.pg = pg
         self.canceller = PQgetCancel(pg)
-        self.socket = PQsocket(pg)
+        self.socket = dup(PQsocket(pg))
         let host = PQhost(pg).map { String(cString: $0) } ?? "?"
         let port = PQport(pg).map { String(cString: $0) } ?? "?"
         self.server = host.hasPrefix("/") ? "\(host)/.s.PGSQL.\(port)" : "\(host):\(port)"
@@ -48,6 +51,7 @@ public final class LibPQConnection: @unchecked Sendable {
     deinit {
         if let canceller { PQfreeCancel(canceller) }
         if let pg { PQfinish(pg) }
+        if socket >= 0 { closeDescriptor(socket) }
     }
 
     /// Whether the connection can serve another statement: libpq has not seen it break.
@@ -91,10 +95,19 @@ public final class LibPQConnection: @unchecked Sendable {
     ///     later if the server answers neither). `nil`: no deadline.
     /// - Throws: `DBError` — `.statementTimeout`, `.connectionLost`, or `.queryFailed` with the
     ///   server's message and SQLSTATE (``LibPQServerError``); `CancellationError` when the task
-    ///   was cancelled and the server cancelled the statement.
+    ///   was cancelled and the statement was cancelled or its socket shut down.
     func execute(_ sql: String, _ parameters: [String?] = [], timeout: Duration? = nil) async throws -> LibPQResult {
         guard isUsable else {
-            throw DBError(.connectionLost, "the connection was lost before this statement; it is discarded", host: server)
+            throw DBError(
+                .connectionLost, "the connection was lost before this statement; it is discarded", host: server,
+                underlying: LibPQStatementNotSent()
+            )
+        }
+        guard !sql.utf8.contains(0), !parameters.contains(where: { $0?.utf8.contains(0) == true }) else {
+            throw DBError(
+                .queryFailed, "a statement or value contains a NUL character, which PostgreSQL text cannot hold",
+                host: server, underlying: LibPQStatementNotSent()
+            )
         }
         let statement = running.withLock { state -> UInt64 in
             state.next &+= 1
@@ -105,8 +118,7 @@ public final class LibPQConnection: @unchecked Sendable {
         let cancelled = Atomic<Bool>(false)
         let timer = timeout.map { timeout in
             DispatchWorkItem { [self] in
-                timedOut.store(true, ordering: .relaxed)
-                interrupt(statement)
+                interrupt(statement) { timedOut.store(true, ordering: .relaxed) }
             }.scheduled(after: timeout)
         }
         defer { timer?.cancel() }
@@ -120,8 +132,10 @@ public final class LibPQConnection: @unchecked Sendable {
                 }
             }
         } onCancel: {
-            cancelled.store(true, ordering: .relaxed)
-            interrupt(statement)
+            // PQcancel opens a connection of its own: never on the cancelling thread.
+            DispatchQueue.global().async { [self] in
+                interrupt(statement) { cancelled.store(true, ordering: .relaxed) }
+            }
         }
         switch outcome {
         case .success(let result):
@@ -144,14 +158,22 @@ public final class LibPQConnection: @unchecked Sendable {
         }
     }
 
-    /// Asks the server to cancel statement `statement` if it still runs; shuts the socket down
-    /// ``LibPQEngine/cancelGrace`` later if it still runs then.
-    private func interrupt(_ statement: UInt64) {
-        guard running.withLock({ $0.current == statement }) else { return }
-        if let canceller {
-            var buffer = [CChar](repeating: 0, count: 256)
-            _ = PQcancel(canceller, &buffer, Int32(buffer.count))
+    /// Asks the server to cancel statement `statement` if it still runs (calling `interrupted`
+    /// first), and shuts the socket down ``LibPQEngine/cancelGrace`` later if it still runs then.
+    /// Runs on a dispatch thread: `PQcancel` blocks while it sends the request. The check and the
+    /// request are made under the `running` lock, which the statement's end takes too, so a late
+    /// request never reaches the connection's next statement.
+    private func interrupt(_ statement: UInt64, interrupted: () -> Void) {
+        let sent = running.withLock { state -> Bool in
+            guard state.current == statement else { return false }
+            interrupted()
+            if let canceller {
+                var buffer = [CChar](repeating: 0, count: 256)
+                _ = PQcancel(canceller, &buffer, Int32(buffer.count))
+            }
+            return true
         }
+        guard sent else { return }
         _ = DispatchWorkItem { [self] in
             running.withLock { state in
                 // Under the lock: the statement cannot end (and the connection go back to the
@@ -231,6 +253,11 @@ struct LibPQResult: Sendable {
     var commandTag: String
 }
 
+/// Marks an error raised before a statement was sent: nothing of it reached the server.
+struct LibPQStatementNotSent: Error, CustomStringConvertible {
+    var description: String { "the statement was not sent" }
+}
+
 /// An error the server (or libpq) reported for a statement.
 public struct LibPQServerError: Error, Sendable, CustomStringConvertible {
     /// The SQLSTATE (PostgreSQL docs, "PostgreSQL Error Codes"), when the server sent one.
@@ -238,14 +265,26 @@ public struct LibPQServerError: Error, Sendable, CustomStringConvertible {
     /// The server's (or libpq's) message.
     public var message: String
 
+    /// The message, and the SQLSTATE when there is one.
     public var description: String { sqlState.map { "\(message) (SQLSTATE \($0))" } ?? message }
 }
 
 extension DispatchWorkItem {
     /// Runs the item on a global queue after `delay`; returns it, to cancel.
     fileprivate func scheduled(after delay: Duration) -> DispatchWorkItem {
-        let nanoseconds = delay.components.seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000
+        // Clamped to a year: a "huge" deadline must not overflow.
+        let seconds = min(delay.components.seconds, 365 * 24 * 3600)
+        let nanoseconds = seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000
         DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(nanoseconds)), execute: self)
         return self
     }
+}
+
+/// `close(2)`, by its module's name: inside `LibPQConnection`, `close` is the connection's own.
+private func closeDescriptor(_ descriptor: Int32) {
+    #if canImport(Glibc)
+    _ = Glibc.close(descriptor)
+    #elseif canImport(Darwin)
+    _ = Darwin.close(descriptor)
+    #endif
 }

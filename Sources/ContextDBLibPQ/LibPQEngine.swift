@@ -16,6 +16,7 @@ import Synchronization
 /// Sessions run statements with `query` and its siblings; values
 /// interpolated into a ``LibPQQuery`` are bound parameters.
 public final class LibPQEngine: DatabaseEngine, Sendable {
+    /// A libpq connection.
     public typealias Connection = LibPQConnection
 
     /// How long after a statement's cancel request the engine waits for an answer before it shuts
@@ -50,11 +51,14 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     ///   - endpoint: The one server to reach (`host` and `port` override the string's), for a
     ///     routed connect; `nil` (the default) for the string's hosts.
     ///   - maximumConnections: The most connections open at once. Default 20.
-    ///   - leaseTimeout: The longest a lease waits for a connection. Default 30 seconds.
+    ///   - leaseTimeout: The longest a lease waits for a free connection, in seconds. Default 30
+    ///     seconds. Opening a connection is bounded by the string's `connect_timeout` (10 s
+    ///     unless it says otherwise) instead.
     ///   - statementTimeout: The deadline of each statement. Default none.
     ///   - capturesCommitLSN: Record the WAL position of committed writes. Default `false`.
     ///   - logger: Where the engine logs.
-    /// - Throws: `DBError.Code.invalidConfiguration` for a string libpq rejects.
+    /// - Throws: `DBError.Code.invalidConfiguration` for a string libpq rejects, or one with
+    ///   `hostaddr` given an `endpoint`.
     public init(
         conninfo: String,
         endpoint: PostgresEndpoint? = nil,
@@ -65,6 +69,12 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         logger: Logger = Logger(label: "ContextDB.LibPQ")
     ) throws {
         let parsed = try LibPQConninfo(conninfo)
+        if endpoint != nil, parsed.parameters["hostaddr"] != nil {
+            throw DBError(
+                .invalidConfiguration,
+                "a routed connect chooses each host itself, and the connection string's hostaddr would override it; remove hostaddr"
+            )
+        }
         self.conninfo = parsed
         self.endpoint = endpoint
         self.maximumConnections = max(1, maximumConnections)
@@ -87,6 +97,9 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     /// How many connections are open.
     public var openConnectionCount: Int { pool.openCount }
 
+    /// Leases a connection: an idle one, a new one, or the next one released.
+    /// - Throws: `DBError.Code.connectionFailed` with libpq's reason when connecting failed, when
+    ///   no connection came within ``leaseTimeout``, or after ``shutdown()``.
     public func leaseConnection() async throws -> LibPQConnection {
         try await pool.lease(host: endpoint?.description)
     }
@@ -101,6 +114,7 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         await pool.release(connection, reusable: keep)
     }
 
+    /// Whether libpq has not seen the connection break.
     public func isConnectionUsable(_ connection: LibPQConnection) -> Bool { connection.isUsable }
 
     /// Runs a transaction control statement.
@@ -117,10 +131,13 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         let result: LibPQResult
         do {
             result = try await run("COMMIT", on: connection)
-        } catch let error as DBError where !connection.isUsable {
+        } catch where !connection.isUsable && !((error as? DBError)?.underlying is LibPQStatementNotSent) {
+            // COMMIT was sent (a lost connection, or a cancelled task whose socket was shut
+            // down): whether it committed is unknown. An error raised before sending it is a
+            // plain connectionLost, which the session reports as a rollback.
             throw DBError(
                 .commitOutcomeUnknown,
-                "COMMIT was sent, but the connection was lost before its answer (\(error.message)); the transaction may have committed: check before retrying",
+                "COMMIT was sent, but the connection was lost before its answer (\((error as? DBError)?.message ?? String(describing: error))); the transaction may have committed: check before retrying",
                 host: connection.server, underlying: error
             )
         }
@@ -265,11 +282,7 @@ final class LibPQPool: Sendable {
             }
             return connection
         } catch {
-            state.withLock { state in
-                state.open -= 1
-                state.leased -= 1
-            }
-            handOverCapacity()
+            giveBackSlot()
             guard var error = error as? DBError else { throw error }
             error.host = error.host ?? host
             throw error
@@ -315,11 +328,16 @@ final class LibPQPool: Sendable {
         }
     }
 
+    /// Gives a slot back that never got a connection (a failed open, a grant that came late).
     private func giveBackSlot() {
-        state.withLock { state in
+        let drained = state.withLock { state -> [CheckedContinuation<Void, Never>] in
             state.open -= 1
             state.leased -= 1
+            var drained: [CheckedContinuation<Void, Never>] = []
+            if state.leased == 0 { swap(&drained, &state.drainWaiters) }
+            return drained
         }
+        for continuation in drained { continuation.resume() }
         handOverCapacity()
     }
 

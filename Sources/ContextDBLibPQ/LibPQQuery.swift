@@ -19,6 +19,7 @@ public struct LibPQQuery: Sendable, ExpressibleByStringInterpolation {
         parameters = []
     }
 
+    /// A statement with the interpolated values as parameters.
     public init(stringInterpolation: StringInterpolation) {
         sql = stringInterpolation.sql
         parameters = stringInterpolation.parameters
@@ -29,10 +30,12 @@ public struct LibPQQuery: Sendable, ExpressibleByStringInterpolation {
         var sql = ""
         var parameters: [String?] = []
 
+        /// Reserves room for the SQL.
         public init(literalCapacity: Int, interpolationCount: Int) {
             sql.reserveCapacity(literalCapacity + 3 * interpolationCount)
         }
 
+        /// SQL text, as written.
         public mutating func appendLiteral(_ literal: String) { sql += literal }
 
         /// A bound parameter.
@@ -60,10 +63,12 @@ public protocol LibPQDecodable: Sendable {
 }
 
 extension LibPQEncodable where Self: LosslessStringConvertible {
+    /// The value's `description`.
     public var libpqText: String? { description }
 }
 
 extension LibPQDecodable where Self: LosslessStringConvertible {
+    /// The value `init?(_:)` reads from the text.
     public static func libpqDecode(_ text: String?) -> Self?? { text.map { Self($0) } ?? .some(nil) }
 }
 

@@ -116,6 +116,43 @@ struct LibPQEngineTests {
         await primary.close()
     }
 
+    /// A COMMIT never sent (its connection was already lost) is a lost connection — the server
+    /// rolled the transaction back — not an unknown outcome.
+    @Test func aCommitOnALostConnectionIsNotAnUnknownOutcome() async throws {
+        let engine = try LibPQEngine(conninfo: TestCluster.url(query: "sslmode=disable"))
+        let connection = try await engine.leaseConnection()
+        _ = try await engine.execute(.begin(DBSessionOptions()), on: connection)
+        try await Self.admin { _ = try await $0.query("SELECT pg_terminate_backend(\(Int(connection.backendPID)))") }
+        await #expect(throws: DBError.self) { _ = try await engine.execute(.savepoint("s"), on: connection) }
+        #expect(!connection.isUsable)
+        let error = await expectDBError(.connectionLost) { _ = try await engine.execute(.commit, on: connection) }
+        #expect(error?.code != .commitOutcomeUnknown)
+        await engine.releaseConnection(connection, reusable: false)
+        await engine.shutdown()
+    }
+
+    @Test func aValueWithANulCharacterIsRefusedNotTruncated() async throws {
+        let primary = try Self.connect()
+        let error = await expectDBError(.queryFailed) {
+            try await withDBContext { _ = try await primary.session().queryValue("SELECT \("admin\u{0}x")::text", as: String.self) }
+        }
+        #expect(error?.message.contains("NUL") == true)
+        await primary.close()
+    }
+
+    @Test func connectionStringErrorsNeverShowThePassword() throws {
+        let error = #expect(throws: DBError.self) { try LibPQConninfo("postgresql://app:s3cr3t-pw@[::1/shop") }
+        #expect(error?.message.contains("s3cr3t-pw") == false, "\(String(describing: error))")
+        let keyValue = #expect(throws: DBError.self) { try LibPQConninfo("host=db1 password=s3cr3t-pw 'unterminated") }
+        #expect(keyValue?.message.contains("s3cr3t-pw") == false, "\(String(describing: keyValue))")
+        let parsed = try LibPQConninfo("host=db1 password=s3cr3t-pw sslpassword=k3y-pw")
+        #expect(!parsed.description.contains("s3cr3t-pw") && !parsed.description.contains("k3y-pw"))
+        let routed = #expect(throws: DBError.self) {
+            try LibPQEngine(conninfo: "host=db1 hostaddr=10.0.0.1", endpoint: PostgresEndpoint(host: "db2"))
+        }
+        #expect(routed?.message.contains("hostaddr") == true)
+    }
+
     /// How many statements of connections named `applicationName` run on the server.
     static func activeStatements(_ applicationName: String) async throws -> Int {
         try await admin { session in
