@@ -38,7 +38,26 @@ struct ClusterFaultTests {
                         try await connect.session().queryValue("SELECT inet_server_port()", as: Int.self) ?? 0
                     }
                 }
-                #expect(try await read(pinned) == frozenPort)  // a pooled connection to it now
+                let pid = try await withDBContext {
+                    let session = try await pinned.session()
+                    #expect(try await session.queryValue("SELECT inet_server_port()", as: Int.self) == frozenPort)
+                    return try #require(try await session.queryValue("SELECT pg_backend_pid()", as: Int.self))
+                }
+                // A pooled connection to it now — once its reset, which runs after the release,
+                // is done: a freeze during the reset would close it, and the next read would
+                // time out connecting instead of on its statement.
+                let observer = try running(DBConnect(
+                    label: "observer", url: cluster.url, options: DBSessionOptions(readOnly: true),
+                    beforeCreateSession: { try $0.changeHost(frozenHost) }
+                ))
+                try await eventually("the pinned connection is reset and idle") {
+                    try await withDBContext {
+                        try await observer.session().queryValue(
+                            "SELECT state = 'idle' AND query LIKE 'DO %' FROM pg_stat_activity WHERE pid = \(pid)", as: Bool.self
+                        ) == true
+                    }
+                }
+                await observer.close()
 
                 try await cluster.run("freeze-replica", "1")
                 // BEGIN on the pooled connection: a cancel request at 500 ms (which the frozen
