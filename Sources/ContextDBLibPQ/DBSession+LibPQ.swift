@@ -51,9 +51,4 @@ extension DBSession where Engine == LibPQEngine {
         try await self.query(query).first?.decode(Value.self)
     }
 
-    /// A statement's `db.operation.name`: its first keyword, upper-cased.
-    private static func operationName(of sql: String) -> String {
-        let keyword = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }
-        return keyword.isEmpty ? "statement" : keyword.uppercased()
-    }
 }

@@ -184,13 +184,7 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
 
     /// Waits until sessions gave every connection back (at most 30 s), then shuts down.
     public func drainAndShutdown() async {
-        await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.pool.drain() }
-            group.addTask { try? await Task.sleep(for: PostgresEngine.drainTimeout) }
-            await group.next()
-            group.cancelAll()
-            await self.shutdown()
-        }
+        await PostgresEngine.drain(within: PostgresEngine.drainTimeout, until: { await self.pool.drain() }, then: { await self.shutdown() })
     }
 }
 

@@ -126,12 +126,6 @@ extension DBSession where Engine == PostgresEngine {
         try await self.query(query, logger: logger, prepared: prepared).first?.decode(Value.self)
     }
 
-    /// A statement's `db.operation.name`: its first keyword, upper-cased (`SELECT`, `INSERT`,
-    /// `WITH`…), or `"statement"` when it starts with none.
-    static func operationName(of sql: String) -> String {
-        let keyword = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }
-        return keyword.isEmpty ? "statement" : keyword.uppercased()
-    }
 
     private func mapped(_ error: any Error) -> any Error {
         if var error = error as? DBError {
@@ -144,6 +138,13 @@ extension DBSession where Engine == PostgresEngine {
 }
 
 extension DBSession {
+    /// A statement's `db.operation.name`: its first keyword, upper-cased (`SELECT`, `INSERT`,
+    /// `WITH`…), or `"statement"` when it starts with none.
+    package static func operationName(of sql: String) -> String {
+        let keyword = sql.drop { $0.isWhitespace || $0 == "(" }.prefix { $0.isLetter }
+        return keyword.isEmpty ? "statement" : keyword.uppercased()
+    }
+
     /// The `DBError` for a statement the server rejected with `sqlState` — for PostgreSQL engine
     /// modules: 25006 (read-only transaction) is `writesPrevented`, `readOnlySession` or, on a
     /// connect that may write, `noHostAvailable` (the host became a standby); the rest is

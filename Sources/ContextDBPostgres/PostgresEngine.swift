@@ -410,12 +410,20 @@ public final class PostgresEngine: DatabaseEngine {
     /// Waits until sessions gave every connection back, at most `bound` (or until the task is
     /// cancelled), then shuts down.
     package func drainAndShutdown(within bound: Duration) async {
+        await Self.drain(within: bound, until: { await self.pool.drain() }, then: { await self.shutdown() })
+    }
+
+    /// Waits for `drained` at most `bound` (or until the task is cancelled), then runs
+    /// `shutdown` — which must end a `drained` still waiting. For engine modules' drains.
+    package static func drain(
+        within bound: Duration, until drained: @escaping @Sendable () async -> Void, then shutdown: () async -> Void
+    ) async {
         await withTaskGroup(of: Void.self) { group in
-            group.addTask { await self.pool.drain() }
+            group.addTask { await drained() }
             group.addTask { try? await Task.sleep(for: bound) }
             await group.next()
             group.cancelAll()  // ends the sleep; the shutdown below ends a drain still waiting
-            await self.shutdown()
+            await shutdown()
         }
     }
 

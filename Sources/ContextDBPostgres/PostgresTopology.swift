@@ -130,10 +130,6 @@ public final class PostgresTopology: Service, Sendable {
         /// forgotten first.
         var departed: [String] = []
         static let departedLimit = 256
-        /// How many lookups in a row missed each host still listed (see `lookupsBeforeRemoval`).
-        var missedLookups: [PostgresEndpoint: Int] = [:]
-        /// The ticket of the lookup applied last.
-        var lastLookup = 0
 
         /// The healthy primary; with two (during a failover), the one with the fewest recent
         /// failures, then the furthest WAL position.
@@ -429,6 +425,10 @@ public final class PostgresTopology: Service, Sendable {
 
     /// Numbers the lookups, so an older answer never replaces a newer one.
     private let lookupTickets = Atomic<Int>(0)
+    /// The ticket of the lookup applied last, and how many lookups in a row missed each host
+    /// still listed (see `lookupsBeforeRemoval`): kept out of the snapshot, which every session
+    /// copies. Taken before `state`, never inside it.
+    private let lookups = Mutex<(lastApplied: Int, missed: [PostgresEndpoint: Int])>((0, [:]))
     /// A host must be missing from this many lookups in a row before it is removed: one short
     /// answer (a flaky resolver) drains nothing.
     static let lookupsBeforeRemoval = 2
@@ -439,18 +439,17 @@ public final class PostgresTopology: Service, Sendable {
         var unique: [PostgresEndpoint] = []
         for endpoint in found where !unique.contains(endpoint) { unique.append(endpoint) }
         let firstLookup = firstRound.withLock { $0.map { !$0.resolved } ?? false }
-        let (added, removed) = state.withLock { snapshot -> ([PostgresEndpoint], [PostgresEndpoint]) in
-            guard ticket > snapshot.lastLookup else { return ([], []) }  // a newer answer is in
-            snapshot.lastLookup = ticket
+        let (added, removed) = lookups.withLock { lookups in state.withLock { snapshot -> ([PostgresEndpoint], [PostgresEndpoint]) in
+            guard ticket > lookups.lastApplied else { return ([], []) }  // a newer answer is in
+            lookups.lastApplied = ticket
             let current = snapshot.hosts.map(\.endpoint)
             let added = unique.filter { !current.contains($0) }
             var removed: [PostgresEndpoint] = []
             for endpoint in current where !unique.contains(endpoint) {
-                snapshot.missedLookups[endpoint, default: 0] += 1
-                if firstLookup || snapshot.missedLookups[endpoint]! >= Self.lookupsBeforeRemoval { removed.append(endpoint) }
+                lookups.missed[endpoint, default: 0] += 1
+                if firstLookup || lookups.missed[endpoint]! >= Self.lookupsBeforeRemoval { removed.append(endpoint) }
             }
-            for endpoint in unique { snapshot.missedLookups[endpoint] = nil }
-            for endpoint in removed { snapshot.missedLookups[endpoint] = nil }
+            for endpoint in unique + removed { lookups.missed[endpoint] = nil }
             guard !added.isEmpty || !removed.isEmpty else { return ([], []) }
             let known = Dictionary(uniqueKeysWithValues: snapshot.hosts.map { ($0.endpoint, $0) })
             let kept = snapshot.hosts.map(\.endpoint).filter { !removed.contains($0) && !unique.contains($0) }
@@ -462,7 +461,7 @@ public final class PostgresTopology: Service, Sendable {
             // Under the state's lock: a concurrent change cannot destroy gauges just made.
             metrics.setHosts(adding: added, removing: removed)
             return (added, removed)
-        }
+        } }
         firstRound.withLock { round in
             guard round != nil else { return }
             if !round!.resolved {

@@ -143,8 +143,9 @@ struct LibPQEngineTests {
     @Test func connectionStringErrorsNeverShowThePassword() throws {
         let error = #expect(throws: DBError.self) { try LibPQConninfo("postgresql://app:s3cr3t-pw@[::1/shop") }
         #expect(error?.message.contains("s3cr3t-pw") == false, "\(String(describing: error))")
-        let keyValue = #expect(throws: DBError.self) { try LibPQConninfo("host=db1 password=s3cr3t-pw 'unterminated") }
-        #expect(keyValue?.message.contains("s3cr3t-pw") == false, "\(String(describing: keyValue))")
+        // libpq quotes a bad percent-escape as it stands: here, inside the password.
+        let escaped = #expect(throws: DBError.self) { try LibPQConninfo("postgresql://app:s3cr3t%ZZ@db1/shop") }
+        #expect(escaped?.message.contains("s3cr3t") == false, "\(String(describing: escaped))")
         let parsed = try LibPQConninfo("host=db1 password=s3cr3t-pw sslpassword=k3y-pw")
         #expect(!parsed.description.contains("s3cr3t-pw") && !parsed.description.contains("k3y-pw"))
         let routed = #expect(throws: DBError.self) {
