@@ -69,6 +69,7 @@ let package = Package(
             dependencies: [
                 "ContextDB", "ContextDBPostgres", "CLibPQ",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ],
             swiftSettings: swiftSettings

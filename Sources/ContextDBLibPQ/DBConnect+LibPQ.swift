@@ -56,7 +56,7 @@ extension DBConnect where Engine == LibPQEngine {
                 conninfo: conninfo,
                 endpoint: host == Self.conninfoHost ? nil : try PostgresEndpoint(parsing: host),
                 maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, statementTimeout: statementTimeout,
-                capturesCommitLSN: readYourWrites, logger: logger
+                capturesCommitLSN: readYourWrites, instrumentation: instrumentation, poolName: label, logger: logger
             )
         }
     }

@@ -109,11 +109,7 @@ public final class LibPQConnection: @unchecked Sendable {
                 host: server, underlying: LibPQStatementNotSent()
             )
         }
-        let statement = running.withLock { state -> UInt64 in
-            state.next &+= 1
-            state.current = state.next
-            return state.next
-        }
+        let statement = beginStatement()
         let timedOut = Atomic<Bool>(false)
         let cancelled = Atomic<Bool>(false)
         let timer = timeout.map { timeout in
@@ -125,10 +121,7 @@ public final class LibPQConnection: @unchecked Sendable {
         let outcome = await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Result<LibPQResult, LibPQServerError>, Never>) in
                 queue.async { [self] in
-                    let outcome = run(sql, parameters)
-                    running.withLock { $0.current = nil }
-                    if PQstatus(pg) != CONNECTION_OK { broken.store(true, ordering: .relaxed) }
-                    continuation.resume(returning: outcome)
+                    continuation.resume(returning: runStatement(sql, parameters))
                 }
             }
         } onCancel: {
@@ -156,6 +149,38 @@ public final class LibPQConnection: @unchecked Sendable {
                 host: server, underlying: error
             )
         }
+    }
+
+    /// Resets the connection for its next lease (`DISCARD ALL`) on its queue — cancelled, then
+    /// its socket shut down, past `bound` — and calls back with whether it succeeded. No task.
+    func reset(within bound: Duration, _ done: @escaping @Sendable (Bool) -> Void) {
+        guard isUsable else { return done(false) }
+        let statement = beginStatement()
+        // The deadline: once the reset ended, its `interrupt` finds another statement number
+        // (or none) and does nothing.
+        _ = DispatchWorkItem { [self] in interrupt(statement) {} }.scheduled(after: bound)
+        queue.async { [self] in
+            let outcome = runStatement("DISCARD ALL", [])
+            if case .success = outcome { done(isUsable) } else { done(false) }
+        }
+    }
+
+    /// Numbers a statement about to run and marks it running (for `interrupt`).
+    private func beginStatement() -> UInt64 {
+        running.withLock { state in
+            state.next &+= 1
+            state.current = state.next
+            return state.next
+        }
+    }
+
+    /// Runs a statement begun with `beginStatement()`, on `queue`, then marks none running and
+    /// notes a connection libpq saw break.
+    private func runStatement(_ sql: String, _ parameters: [String?]) -> Result<LibPQResult, LibPQServerError> {
+        let outcome = run(sql, parameters)
+        running.withLock { $0.current = nil }
+        if PQstatus(pg) != CONNECTION_OK { broken.store(true, ordering: .relaxed) }
+        return outcome
     }
 
     /// Asks the server to cancel statement `statement` if it still runs (calling `interrupted`
@@ -215,25 +240,16 @@ public final class LibPQConnection: @unchecked Sendable {
         return .success(LibPQResult(columns: columns, rows: rows, commandTag: tag))
     }
 
-    /// Shuts the socket down — a statement running on it fails at once — then closes the
-    /// connection: for a connection a session still holds at shutdown.
-    func abort() async {
+    /// Shuts the socket down — a statement running on it fails at once — and closes the
+    /// connection (`PQfinish`) on its queue, without waiting.
+    func closeQuietly() {
         running.withLock { _ in
             broken.store(true, ordering: .relaxed)
             _ = shutdown(socket, Int32(SHUT_RDWR))
         }
-        await close()
-    }
-
-    /// Closes the connection (`PQfinish`) on its queue.
-    func close() async {
-        broken.store(true, ordering: .relaxed)
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            queue.async { [self] in
-                if let pg { PQfinish(pg) }
-                pg = nil
-                continuation.resume()
-            }
+        queue.async { [self] in
+            if let pg { PQfinish(pg) }
+            pg = nil
         }
     }
 

@@ -1,11 +1,15 @@
 import CLibPQ
 import ContextDB
 import ContextDBPostgres
+import CoreMetrics
 import Logging
 import ServiceLifecycle
 import Synchronization
 
-/// A `DatabaseEngine` on libpq, PostgreSQL's own client library, with a pool of its own.
+/// A `DatabaseEngine` on libpq, PostgreSQL's own client library, on the pool `PostgresEngine`
+/// uses: the same lease rules, lease timeout, idle timeout, reset after release (`DISCARD ALL`),
+/// fast failure after a failed connect (a wrong password never becomes a storm of logins) and
+/// `db.client.connection.*` metrics.
 ///
 /// Connections are opened with libpq's semantics: the connection string (a URI or `key=value`
 /// pairs), the `PG*` environment variables, the password file (`~/.pgpass`, `passfile`), the
@@ -23,7 +27,10 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     /// the connection's socket down: one second.
     public static let cancelGrace = Duration.seconds(1)
     /// An idle connection is closed after this long: one minute.
-    public static let idleTimeout = Duration.seconds(60)
+    public static var idleTimeout: Duration { PostgresConnectionPool<LibPQConnection>.idleTimeout }
+    /// The longest a released connection's reset (`DISCARD ALL`) may take before the
+    /// connection is closed instead: five seconds.
+    public static let resetTimeout = Duration.seconds(5)
 
     /// The connection string, as libpq read it.
     public let conninfo: LibPQConninfo
@@ -43,7 +50,7 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     /// Where the engine logs.
     public let logger: Logger
 
-    private let pool: LibPQPool
+    private let pool: PostgresConnectionPool<LibPQConnection>
 
     /// Creates an engine. Connects nothing yet.
     /// - Parameters:
@@ -56,6 +63,10 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     ///     unless it says otherwise) instead.
     ///   - statementTimeout: The deadline of each statement. Default none.
     ///   - capturesCommitLSN: Record the WAL position of committed writes. Default `false`.
+    ///   - instrumentation: Where the pool's metrics go (its `db.client.connection.*` gauges and
+    ///     timeouts). Default: the process-wide backend.
+    ///   - poolName: The pool's `db.client.connection.pool.name`: a connect passes its label.
+    ///     Default `"default"`.
     ///   - logger: Where the engine logs.
     /// - Throws: `DBError.Code.invalidConfiguration` for a string libpq rejects, or one with
     ///   `hostaddr` given an `endpoint`.
@@ -66,6 +77,8 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         leaseTimeout: Duration = .seconds(30),
         statementTimeout: Duration? = nil,
         capturesCommitLSN: Bool = false,
+        instrumentation: DBInstrumentation = DBInstrumentation(),
+        poolName: String = "default",
         logger: Logger = Logger(label: "ContextDB.LibPQ")
     ) throws {
         let parsed = try LibPQConninfo(conninfo)
@@ -85,7 +98,22 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         // libpq waits for ever by default; 10 s unless the string says otherwise (it comes later).
         var keywords = [("connect_timeout", "10"), ("dbname", conninfo)]
         if let endpoint { keywords += [("host", endpoint.host), ("port", String(endpoint.port))] }
-        self.pool = LibPQPool(keywords: keywords, maximumConnections: self.maximumConnections, leaseTimeout: leaseTimeout)
+        let server = endpoint?.description ?? DBConnect<LibPQEngine>.conninfoHost
+        var dimensions = [("db.system.name", Self.systemName), ("db.client.connection.pool.name", poolName)]
+        if let endpoint { dimensions += [("server.address", endpoint.host), ("server.port", String(endpoint.port))] }
+        self.pool = PostgresConnectionPool(
+            driver: PoolDriver(
+                open: { [keywords] _ in try await LibPQConnection.connect(keywords) },
+                isClosed: { (connection: LibPQConnection) in !connection.isUsable },
+                closeQuietly: { (connection: LibPQConnection) in connection.closeQuietly() },
+                reset: { (connection: LibPQConnection, done: @escaping @Sendable (Bool) -> Void) in
+                    connection.reset(within: max(statementTimeout ?? Self.resetTimeout, Self.resetTimeout), done)
+                },
+                explain: { (error: any Error) in "could not connect: \(error)" }
+            ),
+            host: server, maximumConnections: self.maximumConnections, leaseTimeout: leaseTimeout, logger: logger,
+            metrics: PostgresPoolMetrics(factory: instrumentation.metricsFactory ?? MetricsSystem.factory, dimensions: dimensions)
+        )
     }
 
     /// `"postgresql"`, OpenTelemetry's `db.system.name`.
@@ -95,23 +123,20 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
     /// How many connections sessions hold now.
     public var leasedConnectionCount: Int { pool.leasedCount }
     /// How many connections are open.
-    public var openConnectionCount: Int { pool.openCount }
+    public var openConnectionCount: Int { pool.connectionCount }
 
     /// Leases a connection: an idle one, a new one, or the next one released.
     /// - Throws: `DBError.Code.connectionFailed` with libpq's reason when connecting failed, when
     ///   no connection came within ``leaseTimeout``, or after ``shutdown()``.
     public func leaseConnection() async throws -> LibPQConnection {
-        try await pool.lease(host: endpoint?.description)
+        try await pool.lease()
     }
 
-    /// Gives the connection back. A reusable one is reset (`DISCARD ALL`) and pooled; one that
-    /// is not, or whose reset fails, is closed.
+    /// Gives the connection back. A reusable one is reset (`DISCARD ALL`, after the release,
+    /// at most ``resetTimeout`` or the statement timeout) and pooled; one that is not, or whose
+    /// reset fails, is closed. Returns at once.
     public func releaseConnection(_ connection: LibPQConnection, reusable: Bool) async {
-        var keep = reusable && connection.isUsable
-        if keep {
-            keep = (try? await connection.execute("DISCARD ALL", timeout: statementTimeout ?? .seconds(5))) != nil
-        }
-        await pool.release(connection, reusable: keep)
+        pool.release(connection, reusable: reusable && connection.isUsable)
     }
 
     /// Whether libpq has not seen the connection break.
@@ -164,255 +189,29 @@ public final class LibPQEngine: DatabaseEngine, Sendable {
         try await connection.execute(sql, parameters, timeout: statementTimeout)
     }
 
-    /// Closes idle connections after ``idleTimeout``, until the task is cancelled or a graceful
-    /// shutdown begins (ServiceLifecycle); then shuts down.
+    /// Runs the pool's background work — opening connections, closing idle ones after
+    /// ``idleTimeout``, timing out leases — until the task is cancelled or a graceful shutdown
+    /// begins (ServiceLifecycle); then shuts down. The connect that created the engine runs it.
+    /// Until it runs, leases wait for it, and fail with `DBError.Code.notRunning` at
+    /// ``leaseTimeout``.
     public func run() async {
-        await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(1))
-                for connection in self.pool.takeIdle(olderThan: Self.idleTimeout) { await connection.close() }
-            }
-        }
+        await cancelWhenGracefulShutdown { await self.pool.run() }
         await shutdown()
     }
 
-    /// Closes every connection — those sessions hold too (their transactions roll back) — and
-    /// fails the waiting leases.
+    /// Closes every connection — those sessions hold too (a running statement fails at once;
+    /// their transactions roll back) — and fails the waiting leases.
     public func shutdown() async {
-        for connection in pool.shutdown() { await connection.abort() }
+        await pool.shutdown()
     }
 
-    /// Waits until sessions gave every connection back (at most 30 s), then shuts down.
+    /// Waits until sessions gave every connection back (at most `PostgresEngine.drainTimeout`),
+    /// then shuts down.
     public func drainAndShutdown() async {
         await PostgresEngine.drain(within: PostgresEngine.drainTimeout, until: { await self.pool.drain() }, then: { await self.shutdown() })
     }
 }
 
-/// The engine's connections: idle ones, how many are open, and the leases waiting for one.
-final class LibPQPool: Sendable {
-    /// What a waiting lease is given: a released connection, or a free slot to open one in.
-    private enum Grant {
-        case connection(LibPQConnection)
-        case slot
-    }
-
-    private struct State {
-        var idle: [(connection: LibPQConnection, since: ContinuousClock.Instant)] = []
-        /// Every open connection, leased or idle, to close at shutdown.
-        var all: [ObjectIdentifier: LibPQConnection] = [:]
-        /// Open connections and connections being opened.
-        var open = 0
-        var leased = 0
-        var waiters: [Int: CheckedContinuation<Grant?, Never>] = [:]
-        var nextWaiter = 0
-        var closed = false
-        var drainWaiters: [CheckedContinuation<Void, Never>] = []
-    }
-
-    private let keywords: [(String, String)]
-    private let maximumConnections: Int
-    private let leaseTimeout: Duration
-    private let state = Mutex(State())
-
-    init(keywords: [(String, String)], maximumConnections: Int, leaseTimeout: Duration) {
-        self.keywords = keywords
-        self.maximumConnections = maximumConnections
-        self.leaseTimeout = leaseTimeout
-    }
-
-    var leasedCount: Int { state.withLock { $0.leased } }
-    var openCount: Int { state.withLock { $0.open } }
-
-    func lease(host: String?) async throws -> LibPQConnection {
-        let grant = state.withLock { state -> Grant?? in
-            if state.closed { return .some(nil) }
-            if let idle = state.idle.popLast() {
-                state.leased += 1
-                return .connection(idle.connection)
-            }
-            if state.open < maximumConnections {
-                state.open += 1
-                state.leased += 1
-                return .slot
-            }
-            return nil  // wait
-        }
-        switch grant {
-        case .some(.some(.connection(let connection))):
-            return connection
-        case .some(.some(.slot)):
-            return try await open(host: host)
-        case .some(.none):
-            throw DBError(.connectionFailed, "the engine was shut down (DBConnect.close()); a new session creates a new engine", host: host)
-        case .none:
-            switch await waitForGrant() {
-            case .connection(let connection): return connection
-            case .slot: return try await open(host: host)
-            case nil:
-                try Task.checkCancellation()
-                if state.withLock({ $0.closed }) {
-                    throw DBError(.connectionFailed, "the engine was shut down while this lease waited", host: host)
-                }
-                throw DBError(
-                    .connectionFailed,
-                    "no connection was free within the lease timeout (\(leaseTimeout)); all \(maximumConnections) are in use — raise maximumConnections or shorten transactions",
-                    host: host
-                )
-            }
-        }
-    }
-
-    /// Opens a connection in a slot this lease holds; gives the slot on if it fails.
-    private func open(host: String?) async throws -> LibPQConnection {
-        do {
-            let connection = try await LibPQConnection.connect(keywords)
-            let closed = state.withLock { state -> Bool in
-                if !state.closed { state.all[ObjectIdentifier(connection)] = connection }
-                return state.closed
-            }
-            if closed {
-                await connection.close()
-                throw DBError(.connectionFailed, "the engine was shut down while this connection opened", host: host)
-            }
-            return connection
-        } catch {
-            giveBackSlot()
-            guard var error = error as? DBError else { throw error }
-            error.host = error.host ?? host
-            throw error
-        }
-    }
-
-    /// Waits for a released connection or a free slot, at most the lease timeout.
-    private func waitForGrant() async -> Grant? {
-        let id = state.withLock { state in
-            state.nextWaiter += 1
-            return state.nextWaiter
-        }
-        return await withTaskGroup(of: Grant?.self) { group in
-            group.addTask {
-                await withTaskCancellationHandler {
-                    await withCheckedContinuation { continuation in
-                        let parked = self.state.withLock { state -> Bool in
-                            guard !state.closed, !Task.isCancelled else { return false }
-                            state.waiters[id] = continuation
-                            return true
-                        }
-                        if !parked { continuation.resume(returning: nil) }
-                    }
-                } onCancel: {
-                    self.state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
-                }
-            }
-            group.addTask {
-                try? await Task.sleep(for: self.leaseTimeout)
-                return nil
-            }
-            let first = await group.next() ?? nil
-            group.cancelAll()
-            // What was granted after the race was decided goes back.
-            for await late in group {
-                switch late {
-                case .connection(let connection): await release(connection, reusable: true)
-                case .slot: giveBackSlot()
-                case nil: break
-                }
-            }
-            return first
-        }
-    }
-
-    /// Gives a slot back that never got a connection (a failed open, a grant that came late).
-    private func giveBackSlot() {
-        let drained = state.withLock { state -> [CheckedContinuation<Void, Never>] in
-            state.open -= 1
-            state.leased -= 1
-            var drained: [CheckedContinuation<Void, Never>] = []
-            if state.leased == 0 { swap(&drained, &state.drainWaiters) }
-            return drained
-        }
-        for continuation in drained { continuation.resume() }
-        handOverCapacity()
-    }
-
-    func release(_ connection: LibPQConnection, reusable: Bool) async {
-        let (waiter, close, drained) = state.withLock { state -> (CheckedContinuation<Grant?, Never>?, Bool, [CheckedContinuation<Void, Never>]) in
-            if reusable, !state.closed, let id = state.waiters.keys.min() {
-                return (state.waiters.removeValue(forKey: id), false, [])
-            }
-            state.leased -= 1
-            var drained: [CheckedContinuation<Void, Never>] = []
-            if state.leased == 0 { swap(&drained, &state.drainWaiters) }
-            if reusable, !state.closed {
-                state.idle.append((connection, .now))
-                return (nil, false, drained)
-            }
-            state.open -= 1
-            state.all.removeValue(forKey: ObjectIdentifier(connection))
-            return (nil, true, drained)
-        }
-        if let waiter {
-            waiter.resume(returning: .connection(connection))
-            return
-        }
-        for continuation in drained { continuation.resume() }
-        if close {
-            await connection.close()
-            handOverCapacity()
-        }
-    }
-
-    /// A slot freed while leases wait: the first waiter gets it, to open a connection in.
-    private func handOverCapacity() {
-        let waiter = state.withLock { state -> CheckedContinuation<Grant?, Never>? in
-            guard !state.closed, state.open < maximumConnections, let id = state.waiters.keys.min() else { return nil }
-            state.open += 1
-            state.leased += 1
-            return state.waiters.removeValue(forKey: id)
-        }
-        waiter?.resume(returning: .slot)
-    }
-
-    /// Takes the connections idle for `age` or longer out of the pool, to close.
-    func takeIdle(olderThan age: Duration) -> [LibPQConnection] {
-        state.withLock { state in
-            let now = ContinuousClock.now
-            let old = state.idle.filter { now - $0.since >= age }.map(\.connection)
-            state.idle.removeAll { now - $0.since >= age }
-            state.open -= old.count
-            for connection in old { state.all.removeValue(forKey: ObjectIdentifier(connection)) }
-            return old
-        }
-    }
-
-    /// Returns once no connection is leased (or the pool shut down).
-    func drain() async {
-        await withCheckedContinuation { continuation in
-            let idle = state.withLock { state -> Bool in
-                if state.leased == 0 || state.closed { return true }
-                state.drainWaiters.append(continuation)
-                return false
-            }
-            if idle { continuation.resume() }
-        }
-    }
-
-    /// Marks the pool closed, fails the waiting leases, and returns every open connection —
-    /// leased ones too — to abort.
-    func shutdown() -> [LibPQConnection] {
-        let (all, waiters, drained) = state.withLock { state in
-            state.closed = true
-            defer {
-                state.idle.removeAll()
-                state.all.removeAll()
-                state.waiters.removeAll()
-                state.drainWaiters.removeAll()
-            }
-            state.open -= state.idle.count
-            return (Array(state.all.values), Array(state.waiters.values), state.drainWaiters)
-        }
-        for waiter in waiters { waiter.resume(returning: nil) }
-        for continuation in drained { continuation.resume() }
-        return all
-    }
-}
+/// An engine made by hand runs as a ServiceLifecycle `Service` (see ``LibPQEngine/run()``);
+/// a connect's engines are run by the connect.
+extension LibPQEngine: Service {}

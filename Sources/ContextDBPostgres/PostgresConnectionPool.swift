@@ -5,16 +5,52 @@ import NIOCore
 import PostgresNIO
 import Synchronization
 
-/// The connections of one ``PostgresEngine``: opened with `PostgresConnection.connect`,
-/// leased for a whole session, reset on the way back, closed when idle too long.
+/// What a pool does with its connections, for the client library behind them: PostgresNIO's
+/// (``PostgresEngine``) or libpq's.
+package struct PoolDriver<Connection: AnyObject & Sendable>: Sendable {
+    /// Opens a connection (`id` numbers them, for logs). A `DBError` it throws is the
+    /// connect's failure as is; another error is explained with `explain`.
+    package var open: @Sendable (_ id: Int) async throws -> Connection
+    /// Runs once on a new connection before it serves a lease.
+    package var prepare: @Sendable (Connection) async -> Void = { _ in }
+    /// Calls back once the connection closed (the server or the network closed it); a
+    /// driver that cannot tell passes nothing, and a dead idle connection is found on use.
+    package var onClose: @Sendable (Connection, @escaping @Sendable () -> Void) -> Void = { _, _ in }
+    /// Whether the connection is closed or broken.
+    package var isClosed: @Sendable (Connection) -> Bool
+    /// Closes the connection without waiting for it.
+    package var closeQuietly: @Sendable (Connection) -> Void
+    /// Resets a connection released clean, then calls back with whether that succeeded;
+    /// `nil` to pool released connections as they are.
+    package var reset: (@Sendable (Connection, @escaping @Sendable (Bool) -> Void) -> Void)?
+    /// A sentence for a failed connect's error.
+    package var explain: @Sendable (any Error) -> String
+
+    package init(
+        open: @escaping @Sendable (_ id: Int) async throws -> Connection,
+        isClosed: @escaping @Sendable (Connection) -> Bool,
+        closeQuietly: @escaping @Sendable (Connection) -> Void,
+        reset: (@Sendable (Connection, @escaping @Sendable (Bool) -> Void) -> Void)?,
+        explain: @escaping @Sendable (any Error) -> String
+    ) {
+        self.open = open
+        self.isClosed = isClosed
+        self.closeQuietly = closeQuietly
+        self.reset = reset
+        self.explain = explain
+    }
+}
+
+/// The connections of one engine: opened by its ``PoolDriver``, leased for a whole session,
+/// reset on the way back, closed when idle too long.
 ///
 /// The bookkeeping is a `LeaseStateMachine` behind one lock; this type runs what it answers
 /// after the lock is released. A lease served by an idle connection is one lock; one that waits
 /// is a continuation, no task. Connects and the timer are child tasks of ``run()`` (which the
-/// engine's connect runs), and end with ``shutdown()``; a reset is an event-loop callback chain.
-final class PostgresConnectionPool: Sendable {
-    typealias Waiter = CheckedContinuation<PostgresConnection, any Error>
-    typealias Machine = LeaseStateMachine<PostgresConnection, Waiter, ContinuousClock.Instant>
+/// engine's connect runs), and end with ``shutdown()``; a reset is the driver's callback chain.
+package final class PostgresConnectionPool<Connection: AnyObject & Sendable>: Sendable {
+    typealias Waiter = CheckedContinuation<Connection, any Error>
+    typealias Machine = LeaseStateMachine<Connection, Waiter, ContinuousClock.Instant>
 
     private struct State {
         var machine: Machine
@@ -28,75 +64,53 @@ final class PostgresConnectionPool: Sendable {
     }
 
     /// How long an unused connection stays open: one minute.
-    static let idleTimeout = Duration.seconds(60)
+    package static var idleTimeout: Duration { .seconds(60) }
     /// How long after a failed connect no new one starts: one second.
-    static let connectRetryDelay = Duration.seconds(1)
-    /// The shortest bound of a reset: this, or the statement timeout when longer.
-    static let resetTimeout = Duration.seconds(5)
+    static var connectRetryDelay: Duration { .seconds(1) }
     /// How long a lease waits for `run()` to start before the pool warns that nothing may be
     /// running it: one second. It fails with `DBError.Code.notRunning` at the lease timeout.
-    static let runStartGrace = Duration.seconds(1)
+    static var runStartGrace: Duration { .seconds(1) }
 
     private let state: Mutex<State>
-    private let connection: Result<PostgresConnection.Configuration, DBError>
+    private let driver: PoolDriver<Connection>
     private let host: String
-    /// Socket options for each connection, and where to connect with them; `nil`: PostgresNIO
-    /// opens the socket.
-    private let keepalive: (settings: PostgresKeepalive, endpoint: PostgresEndpoint)?
     private let logger: Logger
-    private let resetQuery: PostgresQuery?
-    private let resetBound: Duration
     private let leaseTimeout: Duration
-    /// Runs once on each new connection before it serves a lease (the engine learns its
-    /// backend process ID there).
-    private let prepare: @Sendable (PostgresConnection) async -> Void
     /// The pool's gauges and timeout counter, published after every change.
     private let metrics: PostgresPoolMetrics
     private let jobs: AsyncStream<@Sendable () async -> Void>.Continuation
     private let pendingJobs: AsyncStream<@Sendable () async -> Void>
 
     /// - Parameters:
-    ///   - connection: How to connect, or why that is impossible (every lease then fails with it).
+    ///   - driver: How to open, reset and close connections.
     ///   - host: The server, for errors and logs.
     ///   - maximumConnections: The most connections open at once.
     ///   - leaseTimeout: The longest a lease waits.
-    ///   - resetQuery: What a connection released clean runs before it serves again; `nil` for nothing.
-    ///   - resetBound: The reset's deadline (the connection is closed past it).
     ///   - logger: Where the pool logs.
-    ///   - prepare: Runs on each new connection before it serves a lease.
     ///   - metrics: Where the pool's gauges and timeouts go.
-    ///   - keepalive: TCP keepalive settings for each connection's socket, and its server.
-    init(
-        connection: Result<PostgresConnection.Configuration, DBError>,
+    package init(
+        driver: PoolDriver<Connection>,
         host: String,
-        keepalive: (settings: PostgresKeepalive, endpoint: PostgresEndpoint)? = nil,
         maximumConnections: Int,
         leaseTimeout: Duration,
-        resetQuery: PostgresQuery?,
-        resetBound: Duration,
         logger: Logger,
-        metrics: PostgresPoolMetrics,
-        prepare: @escaping @Sendable (PostgresConnection) async -> Void
+        metrics: PostgresPoolMetrics
     ) {
         self.metrics = metrics
-        self.connection = connection
+        self.driver = driver
         self.host = host
-        self.keepalive = keepalive
         self.logger = logger
-        self.resetQuery = resetQuery
-        self.resetBound = resetBound
         self.leaseTimeout = leaseTimeout
-        self.prepare = prepare
         self.state = Mutex(State(machine: Machine(configuration: .init(
             maximumConnections: max(1, maximumConnections), leaseTimeout: leaseTimeout, idleTimeout: Self.idleTimeout,
-            resetsOnRelease: resetQuery != nil, connectRetryDelay: Self.connectRetryDelay
+            resetsOnRelease: driver.reset != nil, connectRetryDelay: Self.connectRetryDelay
         ))))
         (pendingJobs, jobs) = AsyncStream.makeStream(of: (@Sendable () async -> Void).self)
     }
 
     /// Runs the connects and the timer as child tasks until ``shutdown()`` or until the task is
     /// cancelled (which shuts the pool down). Called once; a second call returns at once.
-    func run() async {
+    package func run() async {
         let first = state.withLock { state in
             defer { state.running = true }
             return !state.running
@@ -133,9 +147,9 @@ final class PostgresConnectionPool: Sendable {
     }
 
     /// Connections sessions hold now.
-    var leasedCount: Int { state.withLock { $0.machine.leasedCount } }
+    package var leasedCount: Int { state.withLock { $0.machine.leasedCount } }
     /// Connections open or being opened.
-    var connectionCount: Int { state.withLock { $0.machine.connectionCount } }
+    package var connectionCount: Int { state.withLock { $0.machine.connectionCount } }
 
     // MARK: - Leasing
 
@@ -143,7 +157,7 @@ final class PostgresConnectionPool: Sendable {
     /// - Throws: `DBError.Code.connectionFailed` with the server's reason when
     ///   connecting failed, when none came within the lease timeout, or after shutdown;
     ///   `CancellationError` when the task was cancelled while waiting.
-    func lease() async throws -> PostgresConnection {
+    package func lease() async throws -> Connection {
         let arrived = ContinuousClock.now  // one lease timeout, whatever waited for run() first
         if !state.withLock({ $0.running || $0.machine.isShutDown }) { try await waitUntilRunning(since: arrived) }
         let (first, id) = withMachine { state in
@@ -205,7 +219,7 @@ final class PostgresConnectionPool: Sendable {
     }
 
     /// Takes a leased connection back: reset and pooled when `reusable`, else closed.
-    func release(_ connection: PostgresConnection, reusable: Bool) {
+    package func release(_ connection: Connection, reusable: Bool) {
         let (action, drained) = withMachine { state -> (Machine.ReturnAction, [CheckedContinuation<Void, Never>]) in
             let action = state.machine.release(connection, reusable: reusable, now: .now)
             guard state.machine.leasedCount == 0, !state.drainWaiters.isEmpty else { return (action, []) }
@@ -217,7 +231,7 @@ final class PostgresConnectionPool: Sendable {
     }
 
     /// Waits until no session holds a connection.
-    func drain() async {
+    package func drain() async {
         await withCheckedContinuation { continuation in
             let idle = withMachine { state in
                 if state.machine.leasedCount == 0 { return true }
@@ -230,14 +244,14 @@ final class PostgresConnectionPool: Sendable {
 
     /// Fails every waiter, closes every connection (leased ones too: they may be inside a
     /// transaction, which closing rolls back) and ends the connects and the timer.
-    func shutdown() async {
+    package func shutdown() async {
         let (action, drained) = withMachine { state -> (Machine.ShutdownAction, [CheckedContinuation<Void, Never>]) in
             defer { state.drainWaiters.removeAll() }
             return (state.machine.shutdown(), state.drainWaiters)
         }
         let failure = error(for: .shutdown)
         for waiter in action.fail { waiter.resume(throwing: failure) }
-        for connection in action.close { connection.closeQuietly() }
+        for connection in action.close { driver.closeQuietly(connection) }
         for waiter in drained { waiter.resume() }
         jobs.finish()  // run() returns once its connects and timer have ended
     }
@@ -253,7 +267,7 @@ final class PostgresConnectionPool: Sendable {
         case .reset(let connection):
             reset(connection)
         case .close(let connection, let connect):
-            connection.closeQuietly()
+            driver.closeQuietly(connection)
             if connect { startConnect() }
         }
     }
@@ -267,25 +281,14 @@ final class PostgresConnectionPool: Sendable {
     }
 
     private func connect() async {
-        let configuration: PostgresConnection.Configuration
-        switch self.connection {
-        case .success(let value): configuration = value
-        case .failure(let error):
-            fail(withMachine { $0.machine.connectFailed(error, now: .now) }, with: error)
-            return
-        }
         let id = state.withLock { state in
             state.nextID &+= 1
             return state.nextID
         }
         do {
-            let connection = if let keepalive {
-                try await keepalive.settings.connect(to: keepalive.endpoint, configuration: configuration, id: id, logger: logger)
-            } else {
-                try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
-            }
-            await prepare(connection)
-            connection.closeFuture.whenComplete { [self] _ in
+            let connection = try await driver.open(id)
+            await driver.prepare(connection)
+            driver.onClose(connection) { [self] in
                 withMachine { $0.machine.closed(connection) }
             }
             let (action, more) = withMachine { state in
@@ -295,9 +298,10 @@ final class PostgresConnectionPool: Sendable {
             run(action)
             for _ in 0..<more { startConnect() }
             // Closed while it was being set up: its close callback found nothing to remove.
-            if connection.isClosed { withMachine { $0.machine.closed(connection) } }
+            if driver.isClosed(connection) { withMachine { $0.machine.closed(connection) } }
         } catch {
-            let failure = DBError(.connectionFailed, PostgresEngine.explain(error, host: host), host: host, underlying: error)
+            var failure = (error as? DBError) ?? DBError(.connectionFailed, driver.explain(error), host: host, underlying: error)
+            failure.host = failure.host ?? host
             logger.debug("connect failed", metadata: ["db.host": "\(host)", "error.message": "\(failure.message)"])
             fail(withMachine { $0.machine.connectFailed(failure, now: .now) }, with: failure)
         }
@@ -321,21 +325,17 @@ final class PostgresConnectionPool: Sendable {
                 let timeout = error(for: .leaseTimeout(lastConnectError: action.reason))
                 for waiter in action.expired { waiter.resume(throwing: timeout) }
             }
-            for connection in action.close { connection.closeQuietly() }
+            for connection in action.close { driver.closeQuietly(connection) }
             for _ in 0..<action.connects { startConnect() }
             guard action.keepTicking else { return }
         }
     }
 
-    /// Resets a connection released clean, on event-loop callbacks: no task.
-    private func reset(_ connection: PostgresConnection) {
-        guard let resetQuery else { return }
-        connection.sendGuarded(resetQuery, logger: logger, timeout: resetBound).whenComplete { [self] result in
-            if case .failure(let error) = result {
-                logger.debug("could not reset a released connection; closing it", metadata: ["error": "\(String(reflecting: error))"])
-            }
-            let succeeded = (try? result.get()) != nil && !connection.isClosed
-            run(withMachine { $0.machine.resetFinished(connection, succeeded: succeeded, now: .now) })
+    /// Resets a connection released clean, on the driver's callbacks: no task.
+    private func reset(_ connection: Connection) {
+        guard let reset = driver.reset else { return }
+        reset(connection) { [self] succeeded in
+            run(withMachine { $0.machine.resetFinished(connection, succeeded: succeeded && !driver.isClosed(connection), now: .now) })
         }
     }
 
@@ -374,7 +374,7 @@ extension PostgresConnection {
 
 /// The gauges and the timeout counter of one engine's pool (OpenTelemetry
 /// `db.client.connection.count` by state, `.pending_requests`, `.timeouts`).
-final class PostgresPoolMetrics: Sendable {
+package final class PostgresPoolMetrics: Sendable {
     let idle: Gauge
     let used: Gauge
     let pending: Gauge
@@ -383,7 +383,7 @@ final class PostgresPoolMetrics: Sendable {
     /// - Parameters:
     ///   - factory: Where the metrics go.
     ///   - dimensions: `db.system.name`, `db.client.connection.pool.name`, `server.address`, `server.port`.
-    init(factory: any MetricsFactory, dimensions: [(String, String)]) {
+    package init(factory: any MetricsFactory, dimensions: [(String, String)]) {
         idle = Gauge(label: DBMetricName.connectionCount, dimensions: dimensions + [("db.client.connection.state", "idle")], factory: factory)
         used = Gauge(label: DBMetricName.connectionCount, dimensions: dimensions + [("db.client.connection.state", "used")], factory: factory)
         pending = Gauge(label: DBMetricName.pendingRequests, dimensions: dimensions, factory: factory)

@@ -67,7 +67,7 @@ public final class PostgresEngine: DatabaseEngine {
     /// closes the connection: one second.
     public static let cancelGrace = Duration.seconds(1)
 
-    private let pool: PostgresConnectionPool
+    private let pool: PostgresConnectionPool<PostgresConnection>
     private let statements: PostgresStatementCache
     /// How to open a direct connection (the pool's, the cancel connection), or why that is impossible.
     let connectionConfiguration: Result<PostgresConnection.Configuration, DBError>
@@ -203,25 +203,56 @@ public final class PostgresEngine: DatabaseEngine {
         self.connectionConfiguration = connection
         let backendPIDs = self.backendPIDs
         let host = endpoint.description
+        let resetBound = max(statementTimeout ?? Self.resetTimeout, Self.resetTimeout)
+        var driver = PoolDriver<PostgresConnection>(
+            open: { [logger] (id: Int) async throws -> PostgresConnection in
+                let configuration = try connection.get()  // or why connecting is impossible
+                if let keepalive {
+                    return try await keepalive.connect(to: endpoint, configuration: configuration, id: id, logger: logger)
+                }
+                return try await PostgresConnection.connect(configuration: configuration, id: id, logger: logger)
+            },
+            isClosed: { (connection: PostgresConnection) in connection.isClosed },
+            closeQuietly: { (connection: PostgresConnection) in connection.closeQuietly() },
+            reset: resetsSessionState ? Self.reset(within: resetBound, logger: logger) : nil,
+            explain: { (error: any Error) in PostgresEngine.explain(error, host: host) }
+        )
+        driver.prepare = { [logger] (connection: PostgresConnection) in
+            guard let statementTimeout else { return }
+            await backendPIDs.learn(connection, host: host, logger: logger, timeout: statementTimeout)
+        }
+        driver.onClose = { (connection: PostgresConnection, closed: @escaping @Sendable () -> Void) in
+            connection.closeFuture.whenComplete { _ in closed() }
+        }
         self.pool = PostgresConnectionPool(
-            connection: connection, host: endpoint.description, keepalive: keepalive.map { ($0, endpoint) },
-            maximumConnections: maximumConnections,
-            leaseTimeout: leaseTimeout, resetQuery: resetsSessionState ? Self.resetQuery : nil,
-            resetBound: max(statementTimeout ?? PostgresConnectionPool.resetTimeout, PostgresConnectionPool.resetTimeout),
-            logger: logger,
+            driver: driver, host: host, maximumConnections: maximumConnections, leaseTimeout: leaseTimeout, logger: logger,
             metrics: PostgresPoolMetrics(
                 factory: instrumentation.metricsFactory ?? MetricsSystem.factory,
                 dimensions: [
                     ("db.system.name", Self.systemName), ("db.client.connection.pool.name", poolName),
                     ("server.address", endpoint.host), ("server.port", String(endpoint.port)),
                 ]
-            ),
-            prepare: { [logger] connection in
-                guard let statementTimeout else { return }
-                await backendPIDs.learn(connection, host: host, logger: logger, timeout: statementTimeout)
-            }
+            )
         )
     }
+
+    /// Runs ``resetQuery`` on a released connection, bounded by `bound`, on event-loop callbacks.
+    private static func reset(
+        within bound: Duration, logger: Logger
+    ) -> @Sendable (PostgresConnection, @escaping @Sendable (Bool) -> Void) -> Void {
+        { connection, done in
+            connection.sendGuarded(resetQuery, logger: logger, timeout: bound).whenComplete { result in
+                if case .failure(let error) = result {
+                    logger.debug("could not reset a released connection; closing it", metadata: ["error": "\(String(reflecting: error))"])
+                }
+                done((try? result.get()) != nil)
+            }
+        }
+    }
+
+    /// The shortest bound of a released connection's reset: this, or the statement timeout when
+    /// longer.
+    static let resetTimeout = Duration.seconds(5)
 
     /// `"postgresql"`, OpenTelemetry's `db.system.name`.
     public static var systemName: String { "postgresql" }
